@@ -1,0 +1,45 @@
+"""The `fedmerge` command line.
+
+Each package contributes its commands through a `register(app)` function in a module whose
+top level imports nothing heavy, so `fedmerge --help` stays fast; torch, transformers and
+flwr are imported inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+COMMAND_MODULES = (
+    "common.merge_cli",
+    "common.score_cli",
+    "simulation.cli",
+    "server.cli",
+    "client.cli",
+)
+
+app = typer.Typer(
+    name="fedmerge",
+    no_args_is_help=True,
+    add_completion=False,
+    help="Federated merge-tuning of clinical language models: pick the merge coefficient "
+    "by pooled AUROC across hospitals, without moving patient data.",
+)
+
+for _name in COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(_name)
+    except ModuleNotFoundError as exc:  # pragma: no cover - only while a package is missing
+        if exc.name != _name:
+            raise
+        continue
+    _module.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
