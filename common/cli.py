@@ -15,8 +15,9 @@ COMMAND_MODULES = (
     "common.merge_cli",
     "common.score_cli",
     "simulation.cli",
-    "server.cli",
-    "client.cli",
+    "simulation.demo_cli",
+    "server.deploy_cli",
+    "client.node_cli",
 )
 
 app = typer.Typer(
