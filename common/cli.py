@@ -39,7 +39,14 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    from common.errors import FedmergeError
+
+    try:
+        app()
+    except FedmergeError as exc:
+        # Bad input is the user's to fix: one clear line, no traceback, a non-zero exit.
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
