@@ -53,5 +53,7 @@ def tiny_parents(tmp_path_factory, tiny_tokenizer) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def eicu_demo_dir() -> Path:
     if not (EICU_DEMO / "patient.csv.gz").exists():
-        pytest.skip(f"eICU demo not found at {EICU_DEMO}: these tests read ../shared/data/eicu-demo")
+        pytest.skip(
+            f"eICU demo not found at {EICU_DEMO}: these tests read ../shared/data/eicu-demo"
+        )
     return EICU_DEMO

@@ -1,0 +1,210 @@
+"""Benchmark: in-place SLERP switching versus the naive merge-save-reload path.
+
+Two random Llama checkpoints of about 100M parameters (fp32) are built in a temporary
+directory. Each path runs in its own subprocess so its peak RSS (VmHWM) is its own:
+
+- switch: `InPlaceMerger(A, B, method="slerp")`, one warm-up `apply` (first touch of the
+  memory-mapped parents and copy-on-write of the live weights), then the median seconds of
+  `apply(λ)` over several λ values. In the same process, and interleaved with the switches,
+  a plain `copy_` of parent A into the same live parameters gives the copy bandwidth.
+- naive: `from_pretrained` both parents, SLERP their state dicts, `load_state_dict`,
+  `save_pretrained`, and `from_pretrained` the result (median of `--naive-repeats` runs).
+
+Bandwidth is counted in bytes that must cross memory, logical (not what the kernels happen to
+stream): a switch reads A and B and writes θ, i.e. 3 × model bytes; a copy reads one and writes
+one, i.e. 2 × model bytes. `switch_gbps = 3·model_bytes / switch_s`, `copy_gbps =
+2·model_bytes / copy_s`, `bandwidth_fraction = switch_gbps / copy_gbps` (GB = 1e9 bytes).
+
+Targets (issue 2): speedup ≥ 20, bandwidth_fraction ≥ 0.5, switch peak RSS ≤ 3 model sizes +
+0.6 GB. The last line printed is one JSON object with the numbers.
+
+    python bench/merge_switch.py            # ~100M parameters
+    python bench/merge_switch.py --small    # ~25M, when the machine is busy
+    python bench/merge_switch.py --threads 1  # when other jobs share the cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM":
+               "false", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}.items():
+    os.environ.setdefault(_k, _v)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LAMBDAS = (0.1, 0.9, 0.3, 0.7, 0.5, 0.2, 0.8, 0.4, 0.6, 0.05)
+
+
+def peak_rss_gb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child would
+    inherit the peak of the process that forked it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+
+
+def build_parents(root: Path, small: bool) -> tuple[Path, Path]:
+    import itertools
+    import string
+
+    from common.tiny_models import build_tiny_llama, train_word_tokenizer
+
+    vocab = 8192
+    words = ["".join(p) for p in itertools.islice(
+        itertools.product(string.ascii_lowercase, repeat=3), vocab + 200)]
+    tok = train_word_tokenizer([" ".join(words)], vocab_size=vocab)
+    shape = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=10,
+                 num_attention_heads=12, num_key_value_heads=4)
+    if small:
+        shape.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                     num_attention_heads=8, num_key_value_heads=4)
+    return (build_tiny_llama(root / "parent_a", tok, seed=1, **shape),
+            build_tiny_llama(root / "parent_b", tok, seed=2, **shape))
+
+
+def child_switch(a: str, b: str, repeats: int) -> dict:
+    import torch
+
+    from common.merge.switch import InPlaceMerger
+
+    t0 = time.perf_counter()
+    merger = InPlaceMerger(a, b, method="slerp")
+    init_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    merger.apply(0.5)
+    first_s = time.perf_counter() - t0
+    slots = merger._slots  # the bench reuses the same live tensors for the copy baseline
+    model_bytes = sum(s.target.numel() * s.target.element_size() for s in slots)
+    switch, copy = [], []
+    with torch.no_grad():
+        for i in range(repeats):
+            lam = LAMBDAS[i % len(LAMBDAS)]
+            t0 = time.perf_counter()
+            merger.apply(lam)
+            switch.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for s in slots:
+                s.target.copy_(s.a)
+            copy.append(time.perf_counter() - t0)
+    return {"init_s": init_s, "first_switch_s": first_s,
+            "switch_s": statistics.median(switch), "copy_s": statistics.median(copy),
+            "model_bytes": model_bytes, "peak_rss_gb": peak_rss_gb(),
+            "threads": torch.get_num_threads()}
+
+
+def child_naive(a: str, b: str, repeats: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    from common.merge.methods.slerp import slerp_coefficients, slerp_dot
+
+    logging.disable_progress_bar()
+    times = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            ma = AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32)
+            mb = AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32)
+            sa, sb = ma.state_dict(), mb.state_dict()
+            merged = {}
+            for k, x in sa.items():
+                alpha, beta = slerp_coefficients(slerp_dot(x, sb[k]), 0.5)
+                merged[k] = alpha * x + beta * sb[k]
+            ma.load_state_dict(merged)
+            ma.save_pretrained(tmp)
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+            times.append(time.perf_counter() - t0)
+            del ma, mb, sa, sb, merged, reloaded
+    return {"naive_s": statistics.median(times), "peak_rss_gb": peak_rss_gb()}
+
+
+def run_child(mode: str, a: Path, b: Path | str, repeats: int, threads: int):
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", mode, str(a), str(b), "--repeats", str(repeats),
+         "--threads", str(threads)],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"{mode} subprocess failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="~25M parameters instead of ~100M")
+    parser.add_argument("--repeats", type=int, default=10, help="timed switches")
+    parser.add_argument("--naive-repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads in both paths (0: torch's default); 1 avoids "
+                        "OpenMP stalls when other jobs load the cores")
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "A", "B"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        mode, a, b = args.child
+        if mode == "build":
+            print(json.dumps([str(p) for p in build_parents(Path(a), b == "small")]))
+            return
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        fn = child_switch if mode == "switch" else child_naive
+        print(json.dumps(fn(a, b, args.repeats)))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="fedmerge-bench-") as tmp:
+        t0 = time.perf_counter()
+        # Built in a subprocess too: this process stays small and imports no torch.
+        a, b = map(Path, run_child("build", Path(tmp), "small" if args.small else "full", 0, 0))
+        print(f"built two parents in {time.perf_counter() - t0:.1f} s", flush=True)
+        sw = run_child("switch", a, b, args.repeats, args.threads)
+        nv = run_child("naive", a, b, args.naive_repeats, args.threads)
+    model_gb = sw["model_bytes"] / 1e9
+    switch_gbps = 3 * sw["model_bytes"] / sw["switch_s"] / 1e9
+    copy_gbps = 2 * sw["model_bytes"] / sw["copy_s"] / 1e9
+    result = {
+        "switch_s": round(sw["switch_s"], 4),
+        "naive_s": round(nv["naive_s"], 3),
+        "speedup": round(nv["naive_s"] / sw["switch_s"], 1),
+        "switch_gbps": round(switch_gbps, 2),
+        "copy_gbps": round(copy_gbps, 2),
+        "bandwidth_fraction": round(switch_gbps / copy_gbps, 3),
+        "switch_peak_rss_gb": round(sw["peak_rss_gb"], 3),
+        "naive_peak_rss_gb": round(nv["peak_rss_gb"], 3),
+        "model_gb": round(model_gb, 3),
+        "params_m": round(sw["model_bytes"] / 4 / 1e6, 1),
+        "switch_init_s": round(sw["init_s"], 2),
+        "first_switch_s": round(sw["first_switch_s"], 3),
+        "threads": sw["threads"],
+    }
+    rss_budget = 3 * model_gb + 0.6
+    print(f"model: {result['params_m']}M parameters, {model_gb:.3f} GB fp32")
+    print(f"in-place SLERP switch: {result['switch_s']:.4f} s per switch "
+          f"(construction {result['switch_init_s']} s, first switch {result['first_switch_s']} s)")
+    print(f"naive (2x from_pretrained, merge, save_pretrained, reload): {result['naive_s']:.2f} s")
+    print(f"speedup: {result['speedup']}x (target >= 20)")
+    print(f"bandwidth: switch {switch_gbps:.1f} GB/s vs copy_ {copy_gbps:.1f} GB/s = "
+          f"{result['bandwidth_fraction']:.2f} (target >= 0.5)")
+    print(f"peak RSS: switch {result['switch_peak_rss_gb']:.2f} GB "
+          f"(budget {rss_budget:.2f} GB), naive {result['naive_peak_rss_gb']:.2f} GB")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
