@@ -1,0 +1,114 @@
+"""What the coordinator may ask a hospital, and how the hospital says no.
+
+The hospital defines the messages it accepts, so these models live on the client side and the
+coordinator imports them. Everything travels as one JSON string in a ConfigRecord: pydantic
+validates it on arrival, and a malformed request becomes one clear refusal instead of a
+half-understood round.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.metrics import HistogramSpec
+
+# ConfigRecord keys.
+INSTRUCTIONS_KEY = "fedmerge.instructions"
+REPLY_KEY = "fedmerge.reply"
+RECORD_NAME = "fedmerge"
+# Error code of a policy refusal (distinct from Flower's own codes, which are small).
+REFUSAL_CODE = 4403
+REFUSAL_MARK = "fedmerge-refusal"
+
+GROUPS = ("attention", "mlp", "other")
+Candidate = float | dict[str, float]
+
+
+class ScoringSettings(BaseModel):
+    """How every site turns a record into log-odds; identical across sites by construction."""
+
+    model_config = ConfigDict(frozen=True)
+
+    template: str | None = None  # None: the scorer's default (the paper's wording)
+    use_chat_template: bool = False
+    max_patient_tokens: int = Field(default=512, ge=8)
+    batch_tokens: int = Field(default=4096, ge=64)
+    hard: bool = False  # the Mortality-hard variant (numeric sections only)
+
+
+class Announcement(BaseModel):
+    """The policy check sent before any SecAgg+ round: everything a site needs to decide."""
+
+    model_config = ConfigDict(frozen=True)
+
+    recipe_fingerprint: str
+    parent_fingerprints: tuple[str, str]
+    method: Literal["slerp", "linear"]
+    sites: int = Field(ge=1)
+    max_candidates_per_round: int = Field(ge=1)
+    folds: int = Field(ge=2)
+    fold_seed: int = 0
+    score_folds: tuple[int, ...]
+    scoring: ScoringSettings = ScoringSettings()
+
+
+class RoundInstructions(BaseModel):
+    """One SecAgg+ round: score these merges on this fold and return summed histograms."""
+
+    model_config = ConfigDict(frozen=True)
+
+    round: int = Field(ge=1)
+    stage: Literal["tune", "test"]
+    recipe_fingerprint: str
+    parent_fingerprints: tuple[str, str]
+    method: Literal["slerp", "linear"]
+    candidates: list[Candidate] = Field(min_length=1)
+    fold: int = Field(ge=0)
+    folds: int = Field(ge=2)
+    fold_seed: int = 0
+    histogram: HistogramSpec = HistogramSpec()
+    sites: int = Field(ge=1)
+    scoring: ScoringSettings = ScoringSettings()
+
+
+class PolicyReply(BaseModel):
+    """A site's acceptance of an announcement: its public name only, no counts."""
+
+    site: str
+    accepted: bool = True
+
+
+class Refusal(BaseModel):
+    """Why a site declined; carried in an error reply's reason, never with a per-site number."""
+
+    site: str
+    reason: str
+
+    def to_reason(self) -> str:
+        return json.dumps({REFUSAL_MARK: True, "site": self.site, "reason": self.reason})
+
+    @classmethod
+    def from_reason(cls, reason: str | None) -> Refusal | None:
+        """The refusal inside an error reason, or None when the error is something else."""
+        if not reason:
+            return None
+        start = reason.find("{")
+        if start < 0:
+            return None
+        try:
+            data = json.loads(reason[start : reason.rfind("}") + 1])
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or not data.get(REFUSAL_MARK):
+            return None
+        return cls(site=str(data.get("site", "?")), reason=str(data.get("reason", "")))
+
+
+def candidate_key(candidate: Candidate) -> tuple:
+    """A hashable, order-independent identity for a candidate (for de-duplication)."""
+    if isinstance(candidate, dict):
+        return tuple(sorted((k, round(float(v), 12)) for k, v in candidate.items()))
+    return (round(float(candidate), 12),)

@@ -1,0 +1,214 @@
+"""The coordinator's tuning recipe: what to merge, how to search λ, and how to aggregate.
+
+Every site must score the same merges with the same prompt and the same bins, or the summed
+histograms mean nothing; the recipe is therefore one validated object whose fingerprint each
+site accepts at the announcement and checks again in every round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from client.protocol import GROUPS, ScoringSettings
+from common.errors import FedmergeError
+from common.metrics import HistogramSpec
+
+
+class SearchSettings(BaseModel):
+    """`grid`: evenly spaced points (paper parity). `adaptive`: a coarse grid, then
+    refinement around the best until `tolerance` or `max_rounds`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    strategy: Literal["grid", "adaptive"] = "grid"
+    grid_points: int = Field(default=11, ge=2)
+    coarse_points: int = Field(default=3, ge=2)
+    tolerance: float = Field(default=0.05, gt=0, le=0.5)
+    max_rounds: int = Field(default=2, ge=0)
+    max_candidates_per_round: int = Field(default=11, ge=1)
+
+
+class SecAggSettings(BaseModel):
+    """SecAgg+ shares and threshold (an int is a count, a float a fraction of the sites)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    num_shares: int | float = 1.0
+    reconstruction_threshold: int | float = 0.67
+    timeout: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _valid(self) -> SecAggSettings:
+        if isinstance(self.num_shares, int) and self.num_shares <= 2:
+            raise ValueError(f"num_shares={self.num_shares}: as an integer it must exceed 2")
+        if isinstance(self.num_shares, float) and not 0 < self.num_shares <= 1:
+            raise ValueError(f"num_shares={self.num_shares}: as a fraction it must be in (0, 1]")
+        t = self.reconstruction_threshold
+        if isinstance(t, float) and not 0.5 < t <= 1:
+            raise ValueError(f"reconstruction_threshold={t}: as a fraction it must be in (0.5, 1]")
+        if isinstance(t, int) and isinstance(self.num_shares, int) and t >= self.num_shares:
+            raise ValueError(f"reconstruction_threshold={t}: must be below num_shares")
+        return self
+
+    def threshold_for(self, sites: int) -> int:
+        """The threshold Flower will use for `sites` sampled sites (mirrors its rounding)."""
+        shares = (
+            self.num_shares if isinstance(self.num_shares, int) else round(self.num_shares * sites)
+        )
+        if isinstance(self.num_shares, float):
+            if shares < sites and shares % 2 == 0:
+                shares += 1
+            if shares <= 2:
+                shares = sites
+        t = self.reconstruction_threshold
+        return max(round(t * shares), 2) if isinstance(t, float) else t
+
+
+class TuningRecipe(BaseModel):
+    """Everything the coordinator needs for one federated λ search."""
+
+    model_config = ConfigDict(frozen=True)
+
+    parent_a: str = Field(min_length=1)
+    parent_b: str = Field(min_length=1)
+    fingerprint_a: str | None = None
+    fingerprint_b: str | None = None
+    method: Literal["slerp", "linear"] = "slerp"
+    # None: one λ for the whole model; else one λ per listed parameter group.
+    groups: tuple[Literal["attention", "mlp", "other"], ...] | None = None
+    search: SearchSettings = SearchSettings()
+    folds: Literal[2] = 2
+    fold_seed: int = 0
+    tune_fold: int = 0
+    test_fold: int = 1
+    # Two sites would each learn the other's histograms from the sum.
+    min_sites: int = Field(default=3, ge=3)
+    secagg: SecAggSettings = SecAggSettings()
+    histogram: HistogramSpec = HistogramSpec()
+    scoring: ScoringSettings = ScoringSettings()
+
+    @model_validator(mode="after")
+    def _valid(self) -> TuningRecipe:
+        if self.groups is not None and (
+            not self.groups or len(set(self.groups)) != len(self.groups)
+        ):
+            raise ValueError(f"groups={self.groups}: expected distinct names from {GROUPS}")
+        if self.tune_fold == self.test_fold or not (
+            0 <= self.tune_fold < self.folds and 0 <= self.test_fold < self.folds
+        ):
+            raise ValueError("tune_fold and test_fold must be different folds in [0, folds)")
+        return self
+
+    def with_fingerprints(self) -> TuningRecipe:
+        """Fill missing parent fingerprints from the coordinator's own copies of the parents."""
+        if self.fingerprint_a and self.fingerprint_b:
+            return self
+        from common.model_io import fingerprint
+
+        fps = []
+        for label, path in (("parent_a", self.parent_a), ("parent_b", self.parent_b)):
+            if not (Path(path) / "config.json").is_file():
+                raise FedmergeError(
+                    f"recipe: {label} = {path}: no config.json there; expected a local checkpoint "
+                    "directory (or give fingerprint_a/fingerprint_b)"
+                )
+            fps.append(fingerprint(Path(path)))
+        return self.model_copy(
+            update={
+                "fingerprint_a": self.fingerprint_a or fps[0],
+                "fingerprint_b": self.fingerprint_b or fps[1],
+            }
+        )
+
+    @property
+    def parent_fingerprints(self) -> tuple[str, str]:
+        if not (self.fingerprint_a and self.fingerprint_b):
+            raise FedmergeError("recipe: parent fingerprints are not set; call with_fingerprints()")
+        return self.fingerprint_a, self.fingerprint_b
+
+    def fingerprint(self) -> str:
+        """SHA-256 of everything that changes what sites compute (not paths, not timeouts)."""
+        payload = self.model_dump_json(exclude={"parent_a", "parent_b", "secagg"}, round_trip=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def parent_candidate(self, which: Literal[0, 1]):
+        """λ = 0 (parent A) or λ = 1 (parent B) in this recipe's candidate shape."""
+        if self.groups is None:
+            return float(which)
+        return {g: float(which) for g in self.groups}
+
+
+# `[tool.flwr.app.config]` / `--run-config` keys -> recipe fields (flat, Flower-friendly).
+RUN_KEYS = {
+    "parent-a": ("parent_a",),
+    "parent-b": ("parent_b",),
+    "method": ("method",),
+    "groups": ("groups",),
+    "search": ("search", "strategy"),
+    "grid-points": ("search", "grid_points"),
+    "coarse-points": ("search", "coarse_points"),
+    "tolerance": ("search", "tolerance"),
+    "max-rounds": ("search", "max_rounds"),
+    "max-candidates-per-round": ("search", "max_candidates_per_round"),
+    "fold-seed": ("fold_seed",),
+    "min-sites": ("min_sites",),
+    "num-shares": ("secagg", "num_shares"),
+    "reconstruction-threshold": ("secagg", "reconstruction_threshold"),
+    "timeout": ("secagg", "timeout"),
+    "bins": ("histogram", "bins"),
+    "lo": ("histogram", "lo"),
+    "hi": ("histogram", "hi"),
+    "template": ("scoring", "template"),
+    "use-chat-template": ("scoring", "use_chat_template"),
+    "max-patient-tokens": ("scoring", "max_patient_tokens"),
+    "batch-tokens": ("scoring", "batch_tokens"),
+    "hard": ("scoring", "hard"),
+}
+# Run-config keys the apps read elsewhere (simulation data, output directory).
+OTHER_RUN_KEYS = {"data", "split", "split-seed", "out", "sites"}
+
+
+def recipe_from_run_config(
+    run_config: Mapping[str, object], *, source: str = "run config", default_parents=None
+) -> TuningRecipe:
+    """Build a recipe from Flower's flat run config; empty parents mean the demo pair."""
+    fields: dict[str, dict | object] = {}
+    for key, value in run_config.items():
+        if key in OTHER_RUN_KEYS:
+            continue
+        if key not in RUN_KEYS:
+            raise FedmergeError(
+                f"{source}: unknown key '{key}' (expected one of "
+                f"{', '.join(sorted([*RUN_KEYS, *OTHER_RUN_KEYS]))})"
+            )
+        if value == "":
+            continue  # empty string = keep the default
+        path = RUN_KEYS[key]
+        if key == "groups":
+            value = tuple(v.strip() for v in str(value).split(",") if v.strip()) or None
+        if len(path) == 1:
+            fields[path[0]] = value
+        else:
+            fields.setdefault(path[0], {})[path[1]] = value  # type: ignore[index]
+    if "parent_a" not in fields or "parent_b" not in fields:
+        if default_parents is None:
+            from simulation.demo_parents import demo_parent_dirs
+
+            default_parents = demo_parent_dirs()
+        fields.setdefault("parent_a", str(default_parents[0]))
+        fields.setdefault("parent_b", str(default_parents[1]))
+    return validate_recipe(fields, source=source)
+
+
+def validate_recipe(fields: Mapping[str, object], *, source: str = "recipe") -> TuningRecipe:
+    try:
+        return TuningRecipe.model_validate(dict(fields))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "(recipe)"
+        raise FedmergeError(f"{source}: field '{loc}': {err['msg']}") from None

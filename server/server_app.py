@@ -1,0 +1,55 @@
+"""The coordinator as a Flower ServerApp.
+
+`app` is what `flwr run .` starts: it reads the recipe from `context.run_config` (the
+`[tool.flwr.app.config]` defaults plus `--run-config` overrides) and writes the report to the
+run config's `out`. `make_server_app` builds the same app around a given recipe for the
+in-process simulation, where the run config is empty and the caller wants the outcome back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.recipe import TuningRecipe, recipe_from_run_config
+
+DEFAULT_OUT = "runs/flwr"
+
+
+def make_server_app(
+    recipe: TuningRecipe | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    expected_sites: int | None = None,
+    on_event=None,
+    sink: dict | None = None,
+) -> ServerApp:
+    """A ServerApp running one tuning; `sink` (if given) receives the outcome and the grid."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from server.coordinator import run_tuning
+        from server.report import print_table, report_dict, write_report
+        from server.secagg import RecordingGrid
+
+        chosen = recipe or recipe_from_run_config(context.run_config)
+        sites = expected_sites or int(context.run_config.get("sites", 0) or 0) or None
+        out = Path(out_dir or str(context.run_config.get("out") or DEFAULT_OUT))
+        recording = RecordingGrid(grid)
+        if sink is not None:
+            sink["grid"] = recording
+        outcome = run_tuning(recording, context, chosen, expected_sites=sites, on_event=on_event)
+        write_report(outcome, out)
+        if sink is not None:
+            sink["outcome"] = outcome
+            sink["out"] = out
+        else:
+            print_table(report_dict(outcome))
+
+    return server_app
+
+
+app = make_server_app()

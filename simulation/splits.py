@@ -1,0 +1,118 @@
+"""Seeded ways to carve one data set into simulated hospitals.
+
+Federated results depend on how different the sites are, so a simulation must be able to
+reproduce the usual regimes: identical sites (iid), sites that differ in outcome rate (label
+skew), sites that differ in size (size skew), and the data's own sites (region: eICU regions,
+the synthetic cohort's hospitals). Every node computes the same split from the same seed, so
+no site list has to be shipped around.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from common.errors import FedmergeError
+from common.records import PatientRecord
+
+SplitName = Literal["iid", "label", "size", "region"]
+SPLITS: tuple[str, ...] = ("iid", "label", "size", "region")
+UNASSIGNED = "unassigned"
+
+
+def _rng(seed: int, tag: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, tag])
+
+
+def _ordered(records: Sequence[PatientRecord]) -> list[PatientRecord]:
+    # Sort by stay id so the split does not depend on the loader's row order.
+    return sorted(records, key=lambda r: r.stay_id)
+
+
+def split_iid(records, sites: int, seed: int = 0) -> list[list[PatientRecord]]:
+    """A random permutation dealt round-robin: equal sizes and, in expectation, equal rates."""
+    recs = _ordered(records)
+    order = _rng(seed, 1).permutation(len(recs))
+    return [[recs[i] for i in order[k::sites]] for k in range(sites)]
+
+
+def split_label(
+    records, sites: int, seed: int = 0, alpha: float = 0.5
+) -> list[list[PatientRecord]]:
+    """Label skew: each class is divided by its own Dirichlet(alpha) shares, so positive rates
+    differ between sites while every site keeps both classes when it can."""
+    recs = _ordered(records)
+    rng = _rng(seed, 2)
+    out: list[list[PatientRecord]] = [[] for _ in range(sites)]
+    for label in (0, 1):
+        idx = [i for i, r in enumerate(recs) if r.label == label]
+        idx = [idx[i] for i in rng.permutation(len(idx))]
+        shares = rng.dirichlet([alpha] * sites)
+        # At least one of each class per site where the class is large enough.
+        floor = 1 if len(idx) >= sites else 0
+        counts = floor + np.floor(shares * (len(idx) - floor * sites)).astype(int)
+        counts[np.argmax(shares)] += len(idx) - counts.sum()
+        start = 0
+        for k in range(sites):
+            out[k].extend(recs[i] for i in idx[start : start + counts[k]])
+            start += counts[k]
+    return [sorted(part, key=lambda r: r.stay_id) for part in out]
+
+
+def split_size(records, sites: int, seed: int = 0, ratio: float = 4.0) -> list[list[PatientRecord]]:
+    """Size skew: site sizes form a geometric sequence whose largest/smallest is `ratio`."""
+    recs = _ordered(records)
+    order = _rng(seed, 3).permutation(len(recs))
+    weights = ratio ** (np.arange(sites) / max(sites - 1, 1))
+    counts = np.floor(weights / weights.sum() * len(recs)).astype(int)
+    counts[-1] += len(recs) - counts.sum()
+    out, start = [], 0
+    for c in counts:
+        out.append([recs[i] for i in order[start : start + c]])
+        start += c
+    return out
+
+
+def split_region(records) -> tuple[list[str], list[list[PatientRecord]]]:
+    """The data's own sites (`site_id`), in sorted order; records without one go together."""
+    groups: dict[str, list[PatientRecord]] = {}
+    for r in _ordered(records):
+        groups.setdefault(r.site_id or UNASSIGNED, []).append(r)
+    names = sorted(groups)
+    return names, [groups[n] for n in names]
+
+
+def split_records(
+    records: Sequence[PatientRecord], split: str, sites: int | None, seed: int = 0
+) -> tuple[list[str], list[list[PatientRecord]]]:
+    """Site names and their records for one split; every site must end up non-empty."""
+    if split not in SPLITS:
+        raise FedmergeError(f"split '{split}': expected one of {', '.join(SPLITS)}")
+    if not records:
+        raise FedmergeError(f"split '{split}': the data set is empty, expected records")
+    if split == "region":
+        names, parts = split_region(records)
+        if sites is not None and sites != len(names):
+            raise FedmergeError(
+                f"split 'region': --sites {sites} but the data has {len(names)} sites "
+                f"({', '.join(names)}); expected --sites {len(names)} or another split"
+            )
+        return names, parts
+    if sites is None or sites < 1:
+        raise FedmergeError(f"split '{split}': sites={sites}, expected an integer >= 1")
+    if sites > len(records):
+        raise FedmergeError(
+            f"split '{split}': {sites} sites for {len(records)} records, expected at most one "
+            "site per record"
+        )
+    fn = {"iid": split_iid, "label": split_label, "size": split_size}[split]
+    parts = fn(records, sites, seed)
+    for k, part in enumerate(parts):
+        if not part:
+            raise FedmergeError(
+                f"split '{split}': site {k} got no records (seed {seed}); expected more records "
+                "or fewer sites"
+            )
+    return [f"site-{k}" for k in range(sites)], parts

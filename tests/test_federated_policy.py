@@ -1,0 +1,100 @@
+"""Site policy, node config and recipe validation (pure functions, no Flower run)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from client import policy
+from client.node_config import SitePolicy, parse_node_config
+from client.protocol import Refusal
+from common.errors import FedmergeError
+from server.recipe import SecAggSettings, TuningRecipe, recipe_from_run_config
+
+
+def test_policy_rules():
+    p = SitePolicy(min_sites=3, min_cohort=10, min_positives=2, max_candidates=4)
+    assert policy.check_sites(p, 3) is None
+    assert "too few sites" in policy.check_sites(p, 2)
+    assert policy.check_cohort(p, {0: (10, 2), 1: (12, 3)}) is None
+    assert "cohort of fold 1" in policy.check_cohort(p, {0: (10, 2), 1: (9, 3)})
+    assert "positives in fold 0" in policy.check_cohort(p, {0: (50, 1)})
+    assert policy.check_candidates(p, [0.0, 0.5, 1.0]) is None
+    assert "outside [0, 1]" in policy.check_candidates(p, [0.5, 1.2])
+    assert "outside [0, 1]" in policy.check_candidates(p, [{"attention": -0.1, "mlp": 0.2}])
+    assert "unknown groups" in policy.check_candidates(p, [{"embed": 0.1}])
+    assert "too many candidates" in policy.check_candidates(p, [0.1] * 5)
+    assert "too many candidates" in policy.check_count(p, 11)
+    assert "parent B SHA-256 differs" in policy.check_parents(("a", "b"), ("a", "x"))
+    assert policy.first_refusal(None, "x", "y") == "x"
+
+
+def test_refusals_never_carry_the_sites_own_counts():
+    p = SitePolicy(min_cohort=40, min_positives=7)
+    reason = policy.check_cohort(p, {0: (23, 1)})
+    assert set(re.findall(r"\d+", reason)) <= {"0", "40"}
+    reason = policy.check_cohort(p, {0: (123, 3)})
+    assert set(re.findall(r"\d+", reason)) <= {"0", "7"}
+
+
+def test_refusal_round_trips_through_an_error_reason():
+    r = Refusal(site="site-2", reason="cohort too small")
+    wrapped = f"<class 'ClientAppException'>:<'Exception occurred. Message: {r.to_reason()}'>"
+    assert Refusal.from_reason(wrapped) == r
+    assert Refusal.from_reason("plain crash {not json}") is None
+
+
+def test_node_config_parsing_and_errors(tmp_path):
+    cfg = parse_node_config(
+        {
+            "site": "north",
+            "data": "jsonl:/x.jsonl",
+            "parent-a": "/a",
+            "parent-b": "/b",
+            "min-sites": 4,
+            "partition-id": 0,
+        }
+    )
+    assert cfg.site == "north" and cfg.policy.min_sites == 4 and cfg.policy.min_cohort == 20
+    assert SitePolicy().min_sites == 3
+    with pytest.raises(FedmergeError, match="node config: unknown key 'min_site'"):
+        parse_node_config({"data": "x", "parent-a": "/a", "parent-b": "/b", "min_site": 3})
+    with pytest.raises(FedmergeError, match=r"node\.toml: field 'parent_b'"):
+        parse_node_config({"data": "x", "parent-a": "/a"}, source="node.toml")
+    with pytest.raises(FedmergeError, match="field 'policy.min_cohort'"):
+        parse_node_config({"data": "x", "parent-a": "/a", "parent-b": "/b", "min-cohort": 0})
+
+
+def test_recipe_from_run_config_and_validation():
+    r = recipe_from_run_config(
+        {"parent-a": "/a", "parent-b": "/b", "search": "adaptive", "bins": 256, "out": "x"}
+    )
+    assert r.search.strategy == "adaptive" and r.histogram.bins == 256
+    assert r.fingerprint() == r.model_copy().fingerprint()
+    assert r.fingerprint() != r.model_copy(update={"method": "linear"}).fingerprint()
+    # Paths and timeouts do not change what sites compute.
+    moved = r.model_copy(update={"parent_a": "/elsewhere/a"})
+    assert moved.fingerprint() == r.fingerprint()
+    with pytest.raises(FedmergeError, match="unknown key 'serach'"):
+        recipe_from_run_config({"parent-a": "/a", "parent-b": "/b", "serach": "grid"})
+    with pytest.raises(FedmergeError, match="field 'min_sites'"):
+        recipe_from_run_config({"parent-a": "/a", "parent-b": "/b", "min-sites": 2})
+    with pytest.raises(FedmergeError, match="field 'search.strategy'"):
+        recipe_from_run_config({"parent-a": "/a", "parent-b": "/b", "search": "random"})
+    g = recipe_from_run_config({"parent-a": "/a", "parent-b": "/b", "groups": "attention,mlp"})
+    assert g.groups == ("attention", "mlp") and g.parent_candidate(1) == {
+        "attention": 1.0,
+        "mlp": 1.0,
+    }
+    with pytest.raises(FedmergeError, match="no config.json"):
+        TuningRecipe(parent_a="/nope/a", parent_b="/nope/b").with_fingerprints()
+
+
+def test_secagg_threshold_mirrors_flower():
+    s = SecAggSettings()
+    assert s.threshold_for(3) == 2 and s.threshold_for(4) == 3 and s.threshold_for(5) == 3
+    with pytest.raises(ValueError, match="must exceed 2"):
+        SecAggSettings(num_shares=2)
+    with pytest.raises(ValueError, match=r"\(0\.5, 1\]"):
+        SecAggSettings(reconstruction_threshold=0.4)

@@ -1,0 +1,195 @@
+"""End to end on Flower's simulation engine (Ray): one run, many assertions.
+
+Eight simulated hospitals on tiny real checkpoints: sites 0-2 take part normally, site 3
+drops out inside every SecAgg+ round (test-only fault key), and sites 4-7 each break one rule
+of their policy. The pooled metrics must equal those computed centrally on the union of sites
+0-2, bin for bin; every message the coordinator received must be free of per-site numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from common.secure_sum import SITE_WEIGHT, encode_histograms
+
+DATA = "synthetic:sites=8,stays=48,seed=7"
+GOOD = (0, 1, 2)
+LENIENT = {"min-cohort": 5, "min-positives": 1}
+BINS = 512
+HIST = {"bins": BINS, "lo": -8.0, "hi": 8.0}
+
+
+@pytest.fixture(scope="module")
+def sim(tiny_parents, tmp_path_factory):
+    from simulation.runner import run_simulation
+
+    a, b = tiny_parents
+    overrides = {i: dict(LENIENT) for i in range(8)}
+    overrides[3]["test-fault"] = "drop"
+    overrides[4]["min-sites"] = 20
+    overrides[5]["min-positives"] = 10_000
+    overrides[6].update({"parent-a": str(b), "parent-b": str(a)})
+    overrides[7]["max-candidates"] = 2
+    out = tmp_path_factory.mktemp("sim") / "run"
+    result = run_simulation(
+        data=DATA,
+        split="region",
+        parents=(a, b),
+        method="slerp",
+        search="grid",
+        out=out,
+        recipe_fields={
+            "search": {"grid_points": 5},
+            "histogram": HIST,
+            "secagg": {"timeout": 60.0},
+            "scoring": {"max_patient_tokens": 64},
+        },
+        node_overrides=overrides,
+    )
+    return result
+
+
+@pytest.fixture(scope="module")
+def central(sim, tiny_parents):
+    """The same scores computed in this process on the union of the good sites' folds."""
+    from transformers import AutoTokenizer
+
+    from common.data import load_records
+    from common.data.folds import select_fold
+    from common.merge.switch import InPlaceMerger
+    from common.metrics import HistogramSpec, score_histograms
+    from common.scoring import YesNoScorer
+    from simulation.splits import split_records
+
+    a, b = tiny_parents
+    _, parts = split_records(load_records(DATA), "region", None)
+    merger = InPlaceMerger(a, b, method="slerp")
+    scorer = YesNoScorer(merger.model, AutoTokenizer.from_pretrained(a), max_patient_tokens=64)
+    spec = HistogramSpec(**HIST)
+
+    def per_site(fold, lam):
+        merger.apply(lam)
+        out = []
+        for i in GOOD:
+            prepared = scorer.prepare(select_fold(parts[i], fold, 2, 0))
+            out.append((scorer.score(prepared), np.asarray(prepared.labels)))
+        return out
+
+    def union(fold, lam):
+        rows = per_site(fold, lam)
+        scores = np.concatenate([s for s, _ in rows])
+        labels = np.concatenate([y for _, y in rows])
+        return scores, labels, score_histograms(scores, labels, spec), rows
+
+    return union, spec
+
+
+def test_completes_with_the_right_sites(sim):
+    o = sim.outcome
+    assert o.contributing_sites == ["site-0", "site-1", "site-2"]
+    assert o.accepted_sites == ["site-0", "site-1", "site-2", "site-3"]
+    assert [float(t.candidate) for t in o.tune] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    for t in o.tune:
+        assert t.sites == ["site-0", "site-1", "site-2"]
+    report = json.loads((sim.out / "report.json").read_text())
+    assert report["lambda_star"] == o.lambda_star
+    assert report["contributing_sites"] == ["site-0", "site-1", "site-2"]
+    assert set(report["test"]) == {"lambda_star", "parent_a", "parent_b"}
+    assert (sim.out / "curve.png").stat().st_size > 1000
+    assert "slerp" in (sim.out / "recipe.yaml").read_text()
+    tune_keys = {"lambda", "auroc", "auprc", "auroc_ci", "n", "positives", "auroc_error_bound"}
+    assert tune_keys | {"sites"} <= set(report["tune"][0])
+
+
+def test_pooled_metrics_equal_central_union_exactly(sim, central):
+    from sklearn.metrics import roc_auc_score
+
+    from common.metrics import pooled_metrics
+
+    union, _ = central
+    for t in sim.outcome.tune:
+        scores, labels, (pos, neg), _ = union(0, float(t.candidate))
+        np.testing.assert_array_equal(t.histograms[0], pos)
+        np.testing.assert_array_equal(t.histograms[1], neg)
+        m = pooled_metrics(pos, neg)
+        assert t.metrics.auroc == m.auroc and t.metrics.auprc == m.auprc
+        assert t.metrics.n == len(labels) and t.metrics.positives == int(labels.sum())
+        exact = roc_auc_score(labels, scores)
+        assert abs(t.metrics.auroc - exact) <= t.metrics.auroc_error_bound + 1e-12
+    # Held-out fold: λ*, and both parents.
+    for name, lam in (
+        ("parent_a", 0.0),
+        ("parent_b", 1.0),
+        ("lambda_star", sim.outcome.lambda_star),
+    ):
+        res = sim.outcome.test[name]
+        _, _, (pos, neg), _ = union(1, float(lam))
+        np.testing.assert_array_equal(res.histograms[0], pos)
+        np.testing.assert_array_equal(res.histograms[1], neg)
+    best = max(sim.outcome.tune, key=lambda t: (t.metrics.auroc, t.metrics.auprc))
+    assert sim.outcome.lambda_star == best.candidate
+
+
+def test_refusals_and_dropout_reach_the_report(sim):
+    report = json.loads((sim.out / "report.json").read_text())
+    by_site = {r["site"]: r for r in report["refusals"]}
+    assert "too few sites" in by_site["site-4"]["reason"]
+    assert "positives" in by_site["site-5"]["reason"]
+    assert "SHA-256 differs" in by_site["site-6"]["reason"]
+    assert "too many candidates" in by_site["site-7"]["reason"]
+    assert all(r["stage"] == "announcement" for r in report["refusals"])
+    # No refusal reveals a site's own counts.
+    # No refusal reveals a site's own counts: only fold numbers, site counts, policy limits.
+    allowed = {"0", "1", "2", "8", "11", "20", "256", "10000"}
+    for r in report["refusals"]:
+        assert set(re.findall(r"\d+", r["reason"])) <= allowed, r
+    dropped = {d["site"] for d in report["dropouts"]}
+    assert dropped == {"site-3"}
+    assert len(report["dropouts"]) == len(report["rounds"])  # it failed every round
+    assert all(r["failed"] == ["site-3"] for r in report["rounds"])
+
+
+def test_server_received_nothing_per_site_in_the_clear(sim, central):
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    union, spec = central
+    received = sim.grid.received
+    assert received, "the recording grid saw no messages"
+    # Every site's plaintext vector for the tuning round.
+    cands = [float(t.candidate) for t in sim.outcome.tune]
+    per_site_hists = {i: [] for i in range(len(GOOD))}
+    from common.metrics import score_histograms
+
+    for lam in cands:
+        _, _, _, rows = union(0, lam)
+        for i, (s, y) in enumerate(rows):
+            per_site_hists[i].append(score_histograms(s, y, spec))
+    plaintexts = [encode_histograms(h, BINS) for h in per_site_hists.values()]
+    masked_seen = 0
+    for msg in received:
+        if msg.has_error():
+            continue
+        content = msg.content
+        for name, rec in content.metric_records.items():
+            assert name == "fitres.num_examples" and dict(rec) == {"num_examples": SITE_WEIGHT}
+        for name, rec in content.config_records.items():
+            if name == "fitres.metrics":
+                assert len(rec) == 0
+        for rec in content.array_records.values():
+            assert len(rec) == 0  # the SecAgg+ mod cleared the plaintext parameters
+        cfg = content.config_records.get(RECORD_KEY_CONFIGS)
+        if cfg is not None and Key.MASKED_PARAMETERS in cfg:
+            for raw in cfg[Key.MASKED_PARAMETERS]:
+                arr = bytes_to_ndarray(raw)
+                masked_seen += 1
+                for p in plaintexts:
+                    assert arr.shape != p.shape or not np.array_equal(arr, p)
+        if "fedmerge" in content.config_records:
+            reply = json.loads(content.config_records["fedmerge"]["fedmerge.reply"])
+            assert set(reply) == {"site", "accepted"}
+    assert masked_seen >= 2 * len(GOOD)

@@ -1,0 +1,72 @@
+"""The cryptographic mask generator is what Flower's SecAgg+ code actually calls."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+from common import secure_masks
+from common.errors import FedmergeError
+from common.secure_masks import PATCHED_MODULES, crypto_rand_gen, install, installed
+
+
+def test_install_replaces_every_call_site():
+    install()
+    assert installed()
+    for name in PATCHED_MODULES:
+        assert importlib.import_module(name).pseudo_rand_gen is crypto_rand_gen, name
+    # What the protocol functions resolve at call time (their globals) is ours.
+    from flwr.client.mod import secaggplus_mod
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    assert secaggplus_mod.__globals__["pseudo_rand_gen"] is crypto_rand_gen
+    assert SecAggPlusWorkflow.unmask_stage.__globals__["pseudo_rand_gen"] is crypto_rand_gen
+    # The client mod fedmerge registers installs it too (it may run in a fresh process).
+    from client.client_app import app, secure_mod
+
+    assert secure_mod in app._mods
+
+
+def test_masks_differ_from_upstream_and_use_the_whole_seed():
+    install()
+    upstream = secure_masks.UPSTREAM["pseudo_rand_gen"]
+    dims = [(1,), (4, 8), ()]
+    seed = bytes(range(32))
+    ours = crypto_rand_gen(seed, 2**32, dims)
+    theirs = upstream(seed, 2**32, dims)
+    assert [a.shape for a in ours] == [a.shape for a in theirs]
+    assert all(a.dtype == np.int64 for a in ours)
+    assert not np.array_equal(ours[1], theirs[1])
+    # Deterministic per seed (both protocol ends must agree).
+    again = crypto_rand_gen(seed, 2**32, dims)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, again, strict=True))
+    # Swapping two 4-byte words keeps upstream's 32-bit XOR fold, hence its masks;
+    # the full-seed hash gives different masks.
+    swapped = seed[4:8] + seed[0:4] + seed[8:]
+    assert np.array_equal(upstream(swapped, 2**32, dims)[1], theirs[1])
+    assert not np.array_equal(crypto_rand_gen(swapped, 2**32, dims)[1], ours[1])
+
+
+def test_masks_are_uniform_over_the_modulus():
+    (x,) = crypto_rand_gen(b"k" * 32, 2**16, [(200_000,)])
+    assert x.min() >= 0 and x.max() < 2**16
+    assert abs(x.mean() / 2**16 - 0.5) < 0.005
+    counts = np.bincount(x >> 12, minlength=16)  # 16 equal buckets
+    assert counts.min() > 0.9 * counts.mean()
+
+
+def test_bad_ranges_refused():
+    with pytest.raises(ValueError, match="power of two"):
+        crypto_rand_gen(b"s" * 32, 1000, [(3,)])
+    with pytest.raises(ValueError, match="power of two"):
+        crypto_rand_gen(b"s" * 32, 2**33, [(3,)])
+
+
+def test_refuses_other_flower_versions(monkeypatch):
+    import flwr
+
+    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    with pytest.raises(FedmergeError, match=r"flwr 1\.42\.0 is installed.*1\.41\.0"):
+        install()
