@@ -1,0 +1,178 @@
+"""Seconds per tuning round in deployment vs simulation, and the share of a deployed round
+spent outside scoring.
+
+Both runs do the same work: three hospitals (a seeded synthetic cohort split by site), the
+same two parents, the same grid. The deployment is real (SuperLink with TLS and node
+authentication, three SuperNodes in process isolation with fedmerge's persistent worker) on
+127.0.0.1. Round times come from the coordinator (`server.deploy_timing` logs round start
+and end); scoring time per round is the slowest hospital's ClientApp handler time for that
+round (the worker logs it), since hospitals score in parallel.
+
+    python bench/deploy_round.py                 # ~30M-parameter parents
+    python bench/deploy_round.py --model tiny    # when the machine is busy
+
+Last line: one JSON object with deploy_round_s, sim_round_s, outside_scoring_fraction.
+Target: outside_scoring_fraction <= 0.2 for the ~30M model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+MODELS = {
+    # ~30M parameters with the cohort's word vocabulary (printed below).
+    "30m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=9,
+                num_attention_heads=8, num_key_value_heads=4),
+    "tiny": {},
+}
+
+
+def build_parents(root: Path, texts: list[str], model: str) -> tuple[Path, Path, int]:
+    from common.tiny_models import build_tiny_llama, train_word_tokenizer
+
+    tok = train_word_tokenizer(texts)
+    a = build_tiny_llama(root / "parent_a", tok, seed=1, **MODELS[model])
+    b = build_tiny_llama(root / "parent_b", tok, seed=2, **MODELS[model])
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+        AutoConfig.from_pretrained(a)).parameters())
+    return a, b, n
+
+
+def write_sites(root: Path, spec: str) -> tuple[Path, list[Path], list[str], list[str]]:
+    from common.data import load_records
+    from simulation.splits import split_records
+
+    records = load_records(spec)
+    names, parts = split_records(records, "region", None, 0)
+    files = []
+    with open(root / "all.jsonl", "w") as union:
+        for name, part in zip(names, parts, strict=True):
+            path = root / f"{name}.jsonl"
+            with open(path, "w") as fh:
+                for r in part:
+                    row = json.dumps({"id": r.stay_id, "site": r.site_id, "label": r.label,
+                                      "text": r.text}) + "\n"
+                    fh.write(row)
+                    union.write(row)
+            files.append(path)
+    return root / "all.jsonl", files, names, [r.text for r in records]
+
+
+def round_spans(events: list[dict]) -> dict[int, float]:
+    start = {e["round"]: e["t"] for e in events if e["event"] == "round_start"}
+    return {e["round"]: e["t"] - start[e["round"]] for e in events
+            if e["event"] == "round_end" and e["round"] in start}
+
+
+def run_deploy(root: Path, parents, site_files, site_names, recipe, policy) -> dict:
+    from server.deploy_local import LocalDeployment
+    from server.deploy_run import run_config_for, stage_app
+
+    round_log, stats = root / "rounds.jsonl", root / "worker-stats.jsonl"
+    os.environ["FEDMERGE_ROUND_LOG"] = str(round_log)
+    os.environ["FEDMERGE_WORKER_STATS"] = str(stats)
+    names = [f"hospital-{i}" for i in range(len(site_files))]
+    with LocalDeployment(root / "deploy", app_dir=ROOT) as dep:
+        dep.make_certs(names)
+        dep.start_superlink()
+        dep.register(*names)
+        for name, site, data in zip(names, site_names, site_files, strict=True):
+            dep.start_node(name, {
+                "site": site, "data": f"jsonl:{data}", "parent-a": str(parents[0]),
+                "parent-b": str(parents[1]), **policy,
+            })
+        out = root / "deploy-report"
+        run_config = run_config_for(recipe, out, sites=len(names))
+        staged = stage_app(ROOT, root / "staged", run_config,
+                           serverapp="server.deploy_timing:app")
+        t0 = time.monotonic()
+        run_id = dep.submit(run_config, app_dir=staged)
+        dep.wait_for_file(out / "report.json", run_id, timeout=1800)
+        total = time.monotonic() - t0
+    spans = round_spans([json.loads(x) for x in round_log.read_text().splitlines()])
+    scoring: dict[int, dict[str, float]] = {}
+    for rec in (json.loads(x) for x in stats.read_text().splitlines()):
+        if rec["message_type"].startswith("train") and rec["group_id"].isdigit():
+            per_node = scoring.setdefault(int(rec["group_id"]), {})
+            per_node[rec["address"]] = per_node.get(rec["address"], 0.0) + rec["handler_s"]
+    fractions = [1 - max(scoring.get(r, {0: 0.0}).values()) / s for r, s in spans.items()]
+    return {"spans": spans, "total_s": total, "fractions": fractions,
+            "scoring": {r: max(v.values()) for r, v in scoring.items()}}
+
+
+def run_sim(root: Path, union: Path, parents, recipe_fields, overrides) -> dict:
+    from simulation.runner import run_simulation
+
+    events: list[dict] = []
+
+    def on_event(kind, **kw):
+        if kind in ("round_start", "round_end"):
+            events.append({"event": kind, "round": kw.get("round"), "t": time.time()})
+
+    t0 = time.monotonic()
+    run_simulation(data=f"jsonl:{union}", split="region", parents=parents,
+                   method=recipe_fields["method"], search="grid", out=root / "sim-report",
+                   recipe_fields=recipe_fields, node_overrides=overrides, on_event=on_event)
+    return {"spans": round_spans(events), "total_s": time.monotonic() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="30m")
+    ap.add_argument("--stays", type=int, default=150, help="stays per site")
+    ap.add_argument("--grid-points", type=int, default=11)
+    args = ap.parse_args()
+
+    from server.recipe import validate_recipe
+
+    root = Path(tempfile.mkdtemp(prefix="fedmerge-deploy-bench-"))
+    union, files, names, texts = write_sites(
+        root, f"synthetic:sites=3,stays={'/'.join([str(args.stays)] * 3)},seed=11")
+    parents = build_parents(root, texts, args.model)
+    print(f"parents: {parents[2] / 1e6:.1f}M parameters; {args.stays} stays per site; "
+          f"grid {args.grid_points}", flush=True)
+    recipe_fields = {"method": "linear",
+                     "search": {"strategy": "grid", "grid_points": args.grid_points},
+                     "secagg": {"timeout": 900.0}}
+    recipe = validate_recipe({**recipe_fields, "parent_a": str(parents[0]),
+                              "parent_b": str(parents[1])})
+    policy = {"min-cohort": 5, "min-positives": 1}
+    sim = run_sim(root, union, parents[:2], recipe_fields, {i: policy for i in range(3)})
+    print(f"simulation: rounds {sim['spans']} total {sim['total_s']:.1f}s", flush=True)
+    dep = run_deploy(root, parents[:2], files, names, recipe, policy)
+    print(f"deployment: rounds {dep['spans']} scoring {dep['scoring']} "
+          f"total {dep['total_s']:.1f}s", flush=True)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    print(json.dumps({
+        "model": args.model,
+        "parameters": parents[2],
+        "stays_per_site": args.stays,
+        "rounds": len(dep["spans"]),
+        "deploy_round_s": round(mean(list(dep["spans"].values())), 3),
+        "sim_round_s": round(mean(list(sim["spans"].values())), 3),
+        "outside_scoring_fraction": round(mean(dep["fractions"]), 3),
+        "deploy_total_s": round(dep["total_s"], 1),
+        "sim_total_s": round(sim["total_s"], 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

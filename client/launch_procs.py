@@ -1,0 +1,127 @@
+"""Start Flower processes so that they can always be stopped, children included.
+
+Why process groups: `flower-superlink` spawns `flower-superexec`, which spawns
+`flwr-serverapp`; `flower-supernode` may spawn `flwr-clientapp`s. Killing only the pid we
+started leaves those running (and holding ports). Each command therefore starts in its own
+session, and stopping signals the whole group: SIGTERM, a grace period, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class Proc:
+    """One started command, its log file, and how to stop its whole process group."""
+
+    def __init__(self, name: str, argv: list[str], *, env: dict[str, str], log_path: Path,
+                 cwd: Path | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.popen.wait(timeout)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the group, wait `grace` seconds, then SIGKILL whatever is left."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(grace)
+        # The leader may be gone while its children linger in the group: kill the group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(grace)
+        self._log.close()
+
+
+class ProcSet:
+    """Processes started together and stopped together (reverse order), also on error."""
+
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, argv: list[str], **kw) -> Proc:
+        proc = Proc(name, argv, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        """SIGTERM every group at once, one shared grace period, then SIGKILL the rest."""
+        procs, self.procs = self.procs[::-1], []
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            p.stop(grace=1.0)  # SIGKILLs whatever of the group is left, closes the log
+
+    def __enter__(self) -> ProcSet:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_all()
+
+
+@contextlib.contextmanager
+def proc_set() -> Iterator[ProcSet]:
+    procs = ProcSet()
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now (racy by nature; callers retry on bind failure)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, *, timeout: float, proc: Proc | None = None) -> None:
+    """Until something accepts TCP connections on host:port; fail early if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(
+                f"{proc.name} exited with {proc.poll()} before listening on {host}:{port}:\n"
+                + proc.log_text()[-2000:]
+            )
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")

@@ -1,0 +1,264 @@
+"""From a hospital's node file to the exact Flower processes that serve it.
+
+Why: `flower-supernode` takes a dozen flags whose mistakes only show at run time (a
+`--node-config` string with a stray quote, a forgotten `--root-certificates`, two nodes on
+one port). The hospital writes one YAML file instead, validated by pydantic, and
+`fedmerge node start` prints and runs the two commands built here: the SuperNode in
+`--isolation process` mode and the persistent ClientApp worker (`client.launch_worker`)
+that keeps the parents and the tokenized cohort in memory across messages and rounds.
+
+Node file layout::
+
+    connection:                      # how this node reaches the coordinator
+      superlink: link.example.org:9093
+      root_certificates: certs/ca.pem
+      auth_private_key: keys/hospital-a.key
+      runtime_port: 9094             # local only; distinct per node on one host
+    node: {...}                      # the NodeConfig fields (client/node_config.py)
+
+Relative paths are resolved against the node file's directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from common.errors import FedmergeError
+
+HOST_PORT_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+# Every Flower child process gets these: nothing may call out from a hospital.
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def format_flower_config(values: dict[str, Any], *, what: str) -> str:
+    """`k='v' n=3 b=true`, the key=value syntax of `--node-config` and `--run-config`.
+
+    Strings become TOML literal strings (single quotes: no escape processing, so Windows
+    paths and backslashes survive); Flower's parser cannot carry a single quote or a
+    newline inside a value, so those are refused here rather than mangled there.
+    """
+    parts = []
+    for key, value in values.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+            raise FedmergeError(f"{what} key {key!r}: expected letters, digits, '_' or '-'")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        elif isinstance(value, str | Path):
+            s = str(value)
+            if "'" in s or "\n" in s:
+                raise FedmergeError(
+                    f"{what} {key}={s!r}: Flower cannot pass a single quote or newline here"
+                )
+            text = f"'{s}'"
+        else:
+            raise FedmergeError(
+                f"{what} {key}: expected a string, number or bool, got {type(value).__name__}"
+            )
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def flower_exe(name: str) -> str:
+    """The Flower executable of THIS environment (the one fedmerge runs in), else PATH's."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.is_file() else name
+
+
+def check_host_port(value: str, field: str) -> str:
+    m = HOST_PORT_RE.match(value)
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise ValueError(f"{field}: expected HOST:PORT (e.g. 127.0.0.1:9093), got {value!r}")
+    return value
+
+
+class NodeConnection(BaseModel):
+    """How a hospital's SuperNode reaches the coordinator, and which local port it uses."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    superlink: str
+    root_certificates: Path
+    auth_private_key: Path
+    runtime_port: int = Field(9094, ge=1024, le=65535)
+    isolation: Literal["process", "subprocess"] = "process"
+    app_source: Literal["installed", "fab"] = "installed"
+    max_retries: int | None = Field(None, ge=0)
+    max_wait_time: float | None = Field(None, gt=0)
+    flwr_home: Path | None = None
+
+    @field_validator("superlink")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        return check_host_port(v, "superlink")
+
+
+class NodeFile(BaseModel):
+    """The whole node file: the connection plus the node's NodeConfig fields (raw here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    connection: NodeConnection
+    node: dict[str, Any]
+    path: Path | None = None
+
+
+def _resolve(base: Path, p: Path | None) -> Path | None:
+    if p is None:
+        return None
+    p = p.expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _first_error(path: Path, exc: ValidationError, prefix: str = "") -> FedmergeError:
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+    return FedmergeError(f"{path}: field {prefix}{loc}: {err['msg']}")
+
+
+def load_node_file(path: str | Path) -> NodeFile:
+    """Parse and validate the node file; one error naming the file and field if it is bad."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FedmergeError(f"{path}: node file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise FedmergeError(f"{path}:{where}: not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise FedmergeError(f"{path}: expected a mapping with 'connection' and 'node'")
+    try:
+        nf = NodeFile.model_validate({**raw, "path": path})
+    except ValidationError as exc:
+        raise _first_error(path, exc) from None
+    base = path.resolve().parent
+    conn = nf.connection.model_copy(
+        update={
+            "root_certificates": _resolve(base, nf.connection.root_certificates),
+            "auth_private_key": _resolve(base, nf.connection.auth_private_key),
+            "flwr_home": _resolve(base, nf.connection.flwr_home),
+        }
+    )
+    return nf.model_copy(update={"connection": conn})
+
+
+def node_config_values(nf: NodeFile) -> dict[str, Any]:
+    """The node section validated by NodeConfig, as the flat dict Flower hands the app.
+
+    Relative paths (parents, the data spec's path) are resolved against the node file's
+    directory, because the ClientApp runs with another working directory. The result is
+    parsed back with the app's own `parse_node_config` and must give the same NodeConfig,
+    so what the dry run checked is exactly what the running node uses.
+    """
+    from client.node_config import NodeConfig, parse_node_config
+
+    assert nf.path is not None
+    base = nf.path.resolve().parent
+    try:
+        cfg = NodeConfig.model_validate(nf.node)
+    except ValidationError as exc:
+        raise _first_error(nf.path, exc, prefix="node.") from None
+    if cfg.simulated is not None:
+        raise FedmergeError(f"{nf.path}: field node.simulated: only for simulation, not a node")
+    cfg = cfg.model_copy(
+        update={
+            "parent_a": _resolve(base, Path(cfg.parent_a)),
+            "parent_b": _resolve(base, Path(cfg.parent_b)),
+            "data": resolve_data_spec(cfg.data, base),
+        }
+    )
+    values = to_flower_node_config(cfg)
+    if parse_node_config(values, source=str(nf.path)) != cfg:  # pragma: no cover - a bug guard
+        raise FedmergeError(f"{nf.path}: node section does not round-trip through node config")
+    return values
+
+
+def resolve_data_spec(spec: str, base: Path) -> str:
+    """`jsonl:rel/path` -> `jsonl:/abs/path` (keeping any `?query`); `synthetic:` unchanged."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest or kind == "synthetic":
+        return spec
+    path, q, query = rest.partition("?")
+    return f"{kind}:{_resolve(base, Path(path))}{q}{query}"
+
+
+def to_flower_node_config(cfg) -> dict[str, Any]:
+    """NodeConfig to the `--node-config` keys `client.node_config.parse_node_config` reads."""
+    from client.node_config import NODE_KEYS, POLICY_KEYS, NodeConfig
+
+    defaults = NodeConfig.model_fields
+    out: dict[str, Any] = {}
+    for key, field in NODE_KEYS.items():
+        value = getattr(cfg, field)
+        if value is None or (value == defaults[field].default and field != "device"):
+            continue
+        out[key] = str(value) if isinstance(value, Path) else value
+    for key, field in POLICY_KEYS.items():
+        out[key] = getattr(cfg.policy, field)
+    return out
+
+
+def child_env(conn: NodeConnection) -> dict[str, str]:
+    env = dict(os.environ)
+    # The SuperNode spawns Flower's helpers by bare name: this environment's bin goes first.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(OFFLINE_ENV)
+    if conn.flwr_home is not None:
+        env["FLWR_HOME"] = str(conn.flwr_home)
+    return env
+
+
+def supernode_argv(conn: NodeConnection, node_config: dict[str, Any]) -> list[str]:
+    """The `flower-supernode` command for this node (TLS + node authentication always on)."""
+    argv = [
+        flower_exe("flower-supernode"),
+        "--superlink", conn.superlink,
+        "--root-certificates", str(conn.root_certificates),
+        "--auth-supernode-private-key", str(conn.auth_private_key),
+        "--isolation", conn.isolation,
+        "--host", "127.0.0.1",
+        "--port", str(conn.runtime_port),
+    ]
+    if conn.max_retries is not None:
+        argv += ["--max-retries", str(conn.max_retries)]
+    if conn.max_wait_time is not None:
+        argv += ["--max-wait-time", str(conn.max_wait_time)]
+    if node_config:
+        argv += ["--node-config", format_flower_config(node_config, what="node config")]
+    return argv
+
+
+def worker_argv(conn: NodeConnection) -> list[str] | None:
+    """The persistent ClientApp worker, needed only with `--isolation process`."""
+    if conn.isolation != "process":
+        return None
+    return [
+        sys.executable, "-m", "client.launch_worker",
+        "--runtime-api-address", f"127.0.0.1:{conn.runtime_port}",
+        "--app-source", conn.app_source,
+    ]
+
+
+def shell_line(argv: list[str]) -> str:
+    import shlex
+
+    return shlex.join(argv)

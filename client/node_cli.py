@@ -1,0 +1,105 @@
+"""`fedmerge node dry-run` and `fedmerge node start`: a hospital's two commands.
+
+Top-level imports stay light so `fedmerge --help` does not import torch or flwr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+node_app = typer.Typer(
+    no_args_is_help=True,
+    help="Hospital node: check the node file locally, then start the SuperNode.",
+)
+
+
+@node_app.command("dry-run")
+def dry_run_cmd(
+    node_file: Path = typer.Argument(..., help="The node file (YAML: connection + node)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Validate the node file, load data and parents, print counts and fingerprints (offline)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from client.dry_run import dry_run
+
+    with Console(stderr=True).status("loading data and parents (no network)..."):
+        report = dry_run(node_file)
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+        return
+    table = Table(title=f"node {report.site} — dry run, nothing was sent", show_header=False)
+    table.add_row("data", report.data)
+    table.add_row("records", f"{report.records} ({report.positives} positive)")
+    for f in report.folds:
+        table.add_row(f"fold {f.fold}", f"{f.records} ({f.positives} positive)")
+    table.add_row("parent A", f"{report.parent_a}\nsha256 {report.parent_a_sha256}")
+    table.add_row("parent B", f"{report.parent_b}\nsha256 {report.parent_b_sha256}")
+    table.add_row("parameters", f"{report.parameters:,}")
+    table.add_row("SuperLink", report.superlink)
+    table.add_row("CA", f"{report.ca_subject} (until {report.ca_not_after})")
+    table.add_row("node key", report.node_key_fingerprint)
+    Console().print(table)
+    typer.echo("`fedmerge node start` would run:")
+    for cmd in report.commands:
+        typer.echo(f"$ {cmd}")
+    for w in report.warnings:
+        typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+
+
+@node_app.command("start")
+def start_cmd(
+    node_file: Path = typer.Argument(..., help="The node file (YAML: connection + node)."),
+    print_only: bool = typer.Option(False, "--print-only", help="Print, do not run."),
+    log_dir: Path = typer.Option(Path("node-logs"), "--log-dir"),
+) -> None:
+    """Start this hospital's SuperNode (and its persistent ClientApp worker); Ctrl-C stops."""
+    import time
+
+    from client.launch_procs import proc_set
+    from client.launch_supernode import (
+        child_env,
+        load_node_file,
+        node_config_values,
+        shell_line,
+        supernode_argv,
+        worker_argv,
+    )
+
+    nf = load_node_file(node_file)
+    values = node_config_values(nf)
+    commands = [("supernode", supernode_argv(nf.connection, values))]
+    worker = worker_argv(nf.connection)
+    if worker:
+        commands.append(("worker", worker))
+    for _, argv in commands:
+        typer.echo(f"$ {shell_line(argv)}")
+    if print_only:
+        return
+    env = child_env(nf.connection)
+    with proc_set() as procs:
+        started = [
+            procs.start(name, argv, env=env, log_path=log_dir / f"{name}.log")
+            for name, argv in commands
+        ]
+        typer.echo(f"running; logs in {log_dir}/ (Ctrl-C to stop)")
+        try:
+            while all(p.poll() is None for p in started):
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            typer.echo("stopping")
+            return
+        dead = next(p for p in started if p.poll() is not None)
+        typer.secho(
+            f"{dead.name} exited with {dead.poll()}; last log lines:\n"
+            + "\n".join(dead.log_text().splitlines()[-15:]),
+            fg=typer.colors.RED, err=True,
+        )
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(node_app, name="node")

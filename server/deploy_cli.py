@@ -1,0 +1,207 @@
+"""`fedmerge certs ...` and `fedmerge coordinator ...`: deployment without flag archaeology.
+
+Every command that runs Flower prints the exact command first (and `--print-only` stops
+there), so an operator can audit or reproduce it by hand. Top-level imports stay light:
+`fedmerge --help` must not import flwr or cryptography.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+certs_app = typer.Typer(
+    no_args_is_help=True,
+    help="Make the deployment's key material: CA, SuperLink certificate, node keys.",
+)
+coord_app = typer.Typer(
+    no_args_is_help=True,
+    help="Coordinator: run the SuperLink, register hospital keys, submit tuning runs.",
+)
+
+DEFAULT_CERTS = Path("certs")
+DEFAULT_CONNECTION = "fedmerge"
+
+
+def _echo_cmd(argv: list[str]) -> None:
+    from client.launch_supernode import shell_line
+
+    typer.echo(f"$ {shell_line(argv)}")
+
+
+def _run_foreground(argv: list[str], env: dict[str, str]) -> None:
+    """Run until it exits or Ctrl-C; its whole process group goes with it either way."""
+    import subprocess
+
+    from common.errors import FedmergeError
+
+    try:
+        rc = subprocess.call(argv, env=env)
+    except FileNotFoundError:
+        raise FedmergeError(
+            f"{argv[0]}: not found on PATH (install fedmerge's environment)"
+        ) from None
+    except KeyboardInterrupt:
+        rc = 130
+    if rc:
+        raise typer.Exit(rc)
+
+
+@certs_app.command("ca")
+def certs_ca(
+    out: Path = typer.Option(DEFAULT_CERTS, "--out", help="Directory for ca.pem and ca.key."),
+    common_name: str = typer.Option("fedmerge deployment CA", "--common-name"),
+    days: int = typer.Option(3650, "--days", min=1),
+    force: bool = typer.Option(False, "--force", help="Replace existing files."),
+) -> None:
+    """Create the deployment's private CA (keep ca.key offline; share ca.pem with hospitals)."""
+    from common.certs import create_ca
+
+    files = create_ca(out, common_name=common_name, days=days, force=force)
+    typer.echo(f"CA certificate: {files.cert}  (give this to every hospital)")
+    typer.echo(f"CA private key: {files.key}  (mode 0600; keep it off the SuperLink host)")
+
+
+@certs_app.command("server")
+def certs_server(
+    name: str = typer.Option("superlink", "--name", help="File stem: NAME.pem and NAME.key."),
+    san: list[str] = typer.Option(
+        ..., "--san", help="Address hospitals dial, IP:1.2.3.4 or DNS:host; repeatable."
+    ),
+    ca_dir: Path = typer.Option(DEFAULT_CERTS, "--ca-dir", help="Where ca.pem/ca.key are."),
+    out: Path = typer.Option(DEFAULT_CERTS, "--out"),
+    days: int = typer.Option(825, "--days", min=1),
+    force: bool = typer.Option(False, "--force", help="Replace existing files."),
+) -> None:
+    """Create the SuperLink's TLS certificate, signed by the CA, valid for every --san."""
+    from common.certs import create_server_cert
+
+    files = create_server_cert(ca_dir, out, name=name, sans=san, days=days, force=force)
+    typer.echo(f"server certificate: {files.cert}  SANs: {', '.join(files.sans)}")
+    typer.echo(f"server private key: {files.key}  (mode 0600)")
+
+
+@certs_app.command("node")
+def certs_node(
+    name: str = typer.Argument(..., help="The hospital's node name, e.g. hospital-a."),
+    out: Path = typer.Option(Path("keys"), "--out"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing key pair."),
+) -> None:
+    """Create a hospital's node-authentication key pair (run this AT the hospital)."""
+    from common.certs import create_node_keys
+
+    files = create_node_keys(out, name, force=force)
+    typer.echo(f"private key: {files.private_key}  (mode 0600; never leaves this machine)")
+    typer.echo(f"public key:  {files.public_key}  (send to the coordinator)")
+    typer.echo(f"fingerprint: {files.fingerprint}  (confirm it with the coordinator)")
+
+
+@coord_app.command("start-superlink")
+def start_superlink(
+    certs: Path = typer.Option(DEFAULT_CERTS, "--certs", help="Directory with ca.pem etc."),
+    name: str = typer.Option("superlink", "--name", help="Server certificate stem."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Interface to listen on (hospitals must reach it)."
+    ),
+    port: int = typer.Option(9093, "--port", min=1, max=65535),
+    address: str = typer.Option(
+        None, "--address", help="HOST:PORT the flwr CLI uses (default 127.0.0.1:PORT)."
+    ),
+    database: Path = typer.Option(None, "--database", help="SQLite state file (default RAM)."),
+    connection: str = typer.Option(DEFAULT_CONNECTION, "--connection"),
+    flwr_home: Path = typer.Option(None, "--flwr-home", envvar="FLWR_HOME"),
+    print_only: bool = typer.Option(False, "--print-only", help="Print, do not run."),
+) -> None:
+    """Start the SuperLink with TLS and node authentication, and record the CLI connection."""
+    from server.deploy_commands import flwr_env, superlink_argv, write_connection
+
+    argv = superlink_argv(
+        ca=certs / "ca.pem", cert=certs / f"{name}.pem", key=certs / f"{name}.key",
+        host=host, port=port, database=database,
+    )
+    home = flwr_home or Path.home() / ".flwr"
+    cfg = write_connection(
+        home, connection, address=address or f"127.0.0.1:{port}",
+        root_certificates=certs / "ca.pem",
+    )
+    typer.echo(f"connection '{connection}' written to {cfg}")
+    _echo_cmd(argv)
+    if not print_only:
+        _run_foreground(argv, flwr_env(home))
+
+
+@coord_app.command("connect")
+def connect(
+    address: str = typer.Option(..., "--address", help="SuperLink HOST:PORT."),
+    ca: Path = typer.Option(DEFAULT_CERTS / "ca.pem", "--ca"),
+    connection: str = typer.Option(DEFAULT_CONNECTION, "--connection"),
+    flwr_home: Path = typer.Option(None, "--flwr-home", envvar="FLWR_HOME"),
+) -> None:
+    """Record how the flwr CLI reaches a SuperLink (when it runs elsewhere)."""
+    from common.errors import FedmergeError
+    from server.deploy_commands import write_connection
+
+    if not ca.is_file():
+        raise FedmergeError(f"--ca {ca}: file not found")
+    cfg = write_connection(
+        flwr_home or Path.home() / ".flwr", connection, address=address, root_certificates=ca
+    )
+    typer.echo(f"connection '{connection}' -> {address} written to {cfg}")
+
+
+@coord_app.command("register-node")
+def register_node(
+    public_key: Path = typer.Argument(..., help="The hospital's NAME.pub."),
+    name: str = typer.Option(..., "--name", help="A name you will recognise in logs."),
+    connection: str = typer.Option(DEFAULT_CONNECTION, "--connection"),
+    flwr_home: Path = typer.Option(None, "--flwr-home", envvar="FLWR_HOME"),
+    print_only: bool = typer.Option(False, "--print-only"),
+) -> None:
+    """Allow one hospital's key: only registered keys may join the federation."""
+    from common.certs import public_key_fingerprint
+    from common.errors import FedmergeError
+    from server.deploy_commands import flwr_env, register_argv
+
+    argv = register_argv(public_key, connection, name)
+    try:
+        fp = public_key_fingerprint(public_key.read_bytes())
+    except (ValueError, IndexError):
+        raise FedmergeError(f"{public_key}: expected an OpenSSH public key line") from None
+    typer.echo(f"key fingerprint {fp} (check it with the hospital before registering)")
+    _echo_cmd(argv)
+    if not print_only:
+        _run_foreground(argv, flwr_env(flwr_home))
+
+
+@coord_app.command("submit")
+def submit(
+    recipe: Path = typer.Argument(..., help="The tuning recipe (YAML, TuningRecipe fields)."),
+    out: Path = typer.Option(Path("runs/deploy"), "--out", help="Report directory."),
+    sites: int = typer.Option(None, "--sites", help="Wait for this many hospitals."),
+    connection: str = typer.Option(DEFAULT_CONNECTION, "--connection"),
+    app_dir: Path = typer.Option(
+        None, "--app-dir", help="The fedmerge source tree (default: this installation's)."
+    ),
+    stage_dir: Path = typer.Option(Path("runs/.staged-app"), "--stage-dir"),
+    flwr_home: Path = typer.Option(None, "--flwr-home", envvar="FLWR_HOME"),
+    print_only: bool = typer.Option(False, "--print-only"),
+) -> None:
+    """Validate RECIPE.yaml and submit a tuning run; the ServerApp writes --out/report.json."""
+    from server.deploy_commands import flwr_env, submit_argv
+    from server.deploy_run import load_recipe, run_config_for, stage_app
+
+    chosen = load_recipe(recipe).with_fingerprints()  # fails here if parents are missing
+    run_config = run_config_for(chosen, out, sites)
+    staged = stage_app(app_dir or None, stage_dir, run_config)
+    typer.echo(f"parents: A {chosen.fingerprint_a[:16]}..., B {chosen.fingerprint_b[:16]}...")
+    argv = submit_argv(staged, connection, run_config)
+    _echo_cmd(argv)
+    if not print_only:
+        _run_foreground(argv, flwr_env(flwr_home))
+        typer.echo(f"submitted; the report will be written to {out.resolve()}/report.json")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(certs_app, name="certs")
+    app.add_typer(coord_app, name="coordinator")

@@ -1,0 +1,192 @@
+"""Fast checks of what the deployment commands build, parsed back with Flower's own parsers."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from common.cli import app
+from common.errors import FedmergeError
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    from common.certs import create_ca, create_node_keys, create_server_cert
+
+    d = tmp_path_factory.mktemp("keyed")
+    create_ca(d / "certs")
+    create_server_cert(d / "certs", d / "certs", sans=["IP:127.0.0.1"])
+    create_node_keys(d / "keys", "hospital-a")
+    return d
+
+
+@pytest.fixture(scope="module")
+def node_file(keyed, tiny_parents):
+    from common.data import load_records
+
+    records = load_records("synthetic:sites=1,stays=40,seed=3")
+    with open(keyed / "site.jsonl", "w") as fh:
+        for r in records:
+            fh.write(json.dumps({"id": r.stay_id, "label": r.label, "text": r.text}) + "\n")
+    path = keyed / "node.yaml"
+    path.write_text(yaml.safe_dump({
+        "connection": {"superlink": "127.0.0.1:9093", "root_certificates": "certs/ca.pem",
+                       "auth_private_key": "keys/hospital-a.key", "runtime_port": 9199},
+        "node": {"site": "hospital-a", "data": "jsonl:site.jsonl",
+                 "parent_a": str(tiny_parents[0]), "parent_b": str(tiny_parents[1]),
+                 "policy": {"min_cohort": 5, "min_positives": 1}},
+    }))
+    return path
+
+
+def test_flower_config_string_round_trips_through_flowers_parser():
+    from flwr.common.config import parse_config_args
+
+    from client.launch_supernode import format_flower_config
+
+    values = {"data": "jsonl:/a b/c\\d.jsonl", "min-sites": 3, "lo": -16.0, "hard": False}
+    assert parse_config_args([format_flower_config(values, what="x")]) == values
+    with pytest.raises(FedmergeError, match="single quote"):
+        format_flower_config({"data": "it's"}, what="node config")
+
+
+def test_node_file_resolves_paths_and_round_trips(node_file, keyed):
+    from client.launch_supernode import load_node_file, node_config_values
+    from client.node_config import parse_node_config
+
+    nf = load_node_file(node_file)
+    assert nf.connection.root_certificates == (keyed / "certs/ca.pem").resolve()
+    values = node_config_values(nf)
+    assert values["data"] == f"jsonl:{(keyed / 'site.jsonl').resolve()}"
+    cfg = parse_node_config(values)
+    assert (cfg.policy.min_cohort, cfg.policy.min_positives, cfg.site) == (5, 1, "hospital-a")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["connection"].pop("auth_private_key"), "field connection.auth_private_key"),
+        (lambda d: d["connection"].update(superlink="nohost"), "field connection.superlink"),
+        (lambda d: d["node"].pop("parent_a"), "field node.parent_a"),
+        (lambda d: d["node"].update(simulated={"sites": 3, "index": 0}), "node.simulated"),
+    ],
+)
+def test_bad_node_file_is_one_error_naming_file_and_field(node_file, tmp_path, edit, message):
+    from client.launch_supernode import load_node_file, node_config_values
+
+    raw = yaml.safe_load(node_file.read_text())
+    edit(raw)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(FedmergeError) as err:
+        node_config_values(load_node_file(bad))
+    assert str(bad) in str(err.value) and message in str(err.value)
+
+
+def test_node_start_print_only_shows_tls_auth_and_worker(node_file):
+    from flwr.common.config import parse_config_args
+
+    res = runner.invoke(app, ["node", "start", str(node_file), "--print-only"])
+    assert res.exit_code == 0, res.output
+    lines = [shlex.split(x[2:]) for x in res.output.splitlines() if x.startswith("$ ")]
+    supernode, worker = lines
+    assert supernode[0].endswith("flower-supernode")
+    for flag in ("--root-certificates", "--auth-supernode-private-key", "--superlink"):
+        assert flag in supernode
+    assert supernode[supernode.index("--isolation") + 1] == "process"
+    assert supernode[supernode.index("--port") + 1] == "9199"
+    node_config = parse_config_args([supernode[supernode.index("--node-config") + 1]])
+    assert node_config["site"] == "hospital-a" and node_config["min-cohort"] == 5
+    assert worker[1:3] == ["-m", "client.launch_worker"]
+    assert worker[worker.index("--runtime-api-address") + 1] == "127.0.0.1:9199"
+
+
+def test_start_superlink_print_only_writes_connection_flwr_reads(keyed, tmp_path, monkeypatch):
+    from flwr.cli.flower_config import read_superlink_connection
+
+    home = tmp_path / "flwr-home"
+    res = runner.invoke(app, [
+        "coordinator", "start-superlink", "--certs", str(keyed / "certs"), "--port", "9193",
+        "--flwr-home", str(home), "--print-only",
+    ])
+    assert res.exit_code == 0, res.output
+    cmd = shlex.split(next(x[2:] for x in res.output.splitlines() if x.startswith("$ ")))
+    assert "--enable-supernode-auth" in cmd and cmd[cmd.index("--port") + 1] == "9193"
+    assert cmd[cmd.index("--ssl-ca-certfile") + 1] == str(keyed / "certs/ca.pem")
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    conn = read_superlink_connection("fedmerge")
+    assert conn.address == "127.0.0.1:9193"
+    assert conn.root_certificates == str((keyed / "certs/ca.pem").resolve())
+
+
+def test_submit_stages_app_and_run_config_rebuilds_the_recipe(tiny_parents, tmp_path):
+    import tomllib
+
+    from flwr.common.config import parse_config_args
+
+    from server.recipe import recipe_from_run_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "parent_a": str(tiny_parents[0]), "parent_b": str(tiny_parents[1]), "method": "linear",
+        "groups": ["attention", "mlp"], "search": {"strategy": "adaptive", "tolerance": 0.1},
+    }))
+    stage = tmp_path / "staged"
+    res = runner.invoke(app, ["coordinator", "submit", str(recipe), "--out", str(tmp_path / "o"),
+                              "--sites", "3", "--stage-dir", str(stage), "--print-only"])
+    assert res.exit_code == 0, res.output
+    cmd = shlex.split(next(x[2:] for x in res.output.splitlines() if x.startswith("$ ")))
+    assert cmd[1:4] == ["run", str(stage), "fedmerge"]
+    run_config = parse_config_args([cmd[cmd.index("--run-config") + 1]])
+    declared = tomllib.loads((stage / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert set(run_config) <= set(declared["config"])  # else `flwr run` refuses the keys
+    assert declared["components"]["clientapp"] == "client.client_app:app"
+    assert (stage / "client/client_app.py").is_file() and not (stage / "tests").exists()
+    rebuilt = recipe_from_run_config(run_config)
+    assert rebuilt.groups == ("attention", "mlp") and rebuilt.search.strategy == "adaptive"
+    assert rebuilt.search.tolerance == 0.1 and run_config["sites"] == 3
+
+
+def test_dry_run_prints_counts_and_fingerprints_offline(node_file, tiny_parents, monkeypatch):
+    import socket
+
+    from common.data import load_records
+    from common.data.folds import select_fold
+    from common.model_io import fingerprint
+
+    def no_network(*a, **k):
+        raise AssertionError("the dry run opened a socket")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    res = runner.invoke(app, ["node", "dry-run", str(node_file), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{"):])
+    records = load_records(f"jsonl:{node_file.parent / 'site.jsonl'}")
+    assert report["records"] == len(records) == 40
+    assert report["positives"] == sum(r.label for r in records)
+    assert [f["records"] for f in report["folds"]] == [
+        len(select_fold(records, f, 2, 0)) for f in (0, 1)
+    ]
+    assert report["parent_a_sha256"] == fingerprint(Path(tiny_parents[0]))
+    assert report["parent_b_sha256"] == fingerprint(Path(tiny_parents[1]))
+    assert report["node_key_fingerprint"].startswith("SHA256:")
+    assert report["parameters"] > 0
+
+
+def test_dry_run_refuses_a_pem_key_flower_cannot_load(node_file, keyed, tmp_path):
+    raw = yaml.safe_load(node_file.read_text())
+    raw["connection"]["auth_private_key"] = str(keyed / "certs/ca.key")  # PEM, not OpenSSH
+    raw["connection"]["root_certificates"] = str(keyed / "certs/ca.pem")
+    raw["node"]["data"] = f"jsonl:{node_file.parent / 'site.jsonl'}"
+    bad = tmp_path / "node.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["node", "dry-run", str(bad)])
+    assert isinstance(res.exception, FedmergeError)
+    assert "auth_private_key" in str(res.exception) and "OpenSSH" in str(res.exception)
