@@ -20,16 +20,17 @@ from common.metrics import HistogramSpec
 
 
 class SearchSettings(BaseModel):
-    """`grid`: evenly spaced points (paper parity). `adaptive`: a coarse grid, then
-    refinement around the best until `tolerance` or `max_rounds`."""
+    """`grid`: evenly spaced points (paper parity). `adaptive`: `coarse_points` cell centres,
+    then best ± step/2 per round, halving the step, until it is below `tolerance` (a λ step)
+    or `max_rounds` refinement rounds are spent. The defaults cost 5 evaluations."""
 
     model_config = ConfigDict(frozen=True)
 
     strategy: Literal["grid", "adaptive"] = "grid"
     grid_points: int = Field(default=11, ge=2)
     coarse_points: int = Field(default=3, ge=2)
-    tolerance: float = Field(default=0.05, gt=0, le=0.5)
-    max_rounds: int = Field(default=2, ge=0)
+    tolerance: float = Field(default=0.1, gt=0, le=0.5)
+    max_rounds: int = Field(default=4, ge=0)
     max_candidates_per_round: int = Field(default=11, ge=1)
 
 

@@ -4,12 +4,11 @@ Each evaluation is a SecAgg+ round over all hospitals, and each candidate costs 
 full pass over its fold, so the search is written as "propose a batch, receive pooled metrics"
 and the driver (`run_search`) is shared by the federated coordinator and the central benchmark.
 - grid: evenly spaced points, PatientDx's protocol; one round.
-- adaptive: a coarse grid, then refinement around the current best until the spacing around
-  it is below `tolerance` or the round budget is spent. For one λ each refinement evaluates
-  the vertex of the parabola through the best point and its neighbours (AUROC curves over λ are
-  smooth and usually single-peaked, so this converges in a few evaluations), falling back to
-  bisecting the wider side. With one λ per group it is a pattern search: ±step on each axis
-  around the best, halving the step each round.
+- adaptive: a coarse grid of cell centres, then refinement around the current best (best ±
+  half the previous step) until the step falls below `tolerance` or the round budget is spent.
+  A parabola through the best and its neighbours was tried first and misled by the flat
+  parent-side shoulder of real curves (bench/search_efficiency.py: gap 0.010 on the demo);
+  bisection makes no shape assumption beyond the peak lying near the best point seen.
 Both return the full curve of everything evaluated.
 """
 
@@ -72,67 +71,64 @@ class GridSearch:
         ]
 
 
+def cell_centres(n: int) -> list[float]:
+    """n points at the centres of n equal cells of [0, 1]: every λ lies within 1/(2n) of one,
+    and halving steps from them reach both parents (λ = 0 and 1) when the best is at an edge."""
+    return [round((2 * i + 1) / (2 * n), 10) for i in range(n)]
+
+
 class AdaptiveSearch:
+    """A coarse grid of cell centres, then refinement around the best until `tolerance`.
+
+    For one λ each refinement round evaluates best ± step/2 and halves the step: a batched
+    bisection that needs no smoothness beyond "the peak is near the best point seen". With one
+    λ per group it is a pattern search: ±step on each axis around the best, halving the step
+    whenever the best stays put.
+    """
+
     def __init__(self, settings: SearchSettings, groups: Sequence[str] | None = None):
         self.settings = settings
         self.groups = tuple(groups) if groups else None
         self.rounds = 0
-        self.step = 1.0 / (settings.coarse_points - 1)
+        self.step = 1.0 / settings.coarse_points
         self._last_best: tuple | None = None
 
     def propose(self, history: Sequence[Evaluation]) -> list[Candidate]:
         if not history:
-            return GridSearch(
-                self.settings.model_copy(update={"grid_points": self.settings.coarse_points}),
-                self.groups,
-            ).propose(())
+            centres = cell_centres(self.settings.coarse_points)
+            if self.groups is None:
+                return list(centres)
+            return [
+                dict(zip(self.groups, combo, strict=True))
+                for combo in itertools.product(centres, repeat=len(self.groups))
+            ]
         if self.rounds >= self.settings.max_rounds:
             return []
         self.rounds += 1
         seen = {candidate_key(e.candidate) for e in history}
         if self.groups is None:
-            proposal = self._refine_1d(history, seen)
-        else:
-            proposal = self._pattern(history, seen)
-        return proposal
+            return self._refine_1d(history, seen)
+        return self._pattern(history, seen)
 
     def _refine_1d(self, history: Sequence[Evaluation], seen: set) -> list[Candidate]:
-        tol = self.settings.tolerance
-        pts = sorted({float(e.candidate): score_of(e)[0] for e in history}.items())
-        xs = [p for p, _ in pts]
-        b = xs.index(float(best_of(history).candidate))
-        left = xs[b - 1] if b > 0 else None
-        right = xs[b + 1] if b + 1 < len(xs) else None
-        gaps = [
-            g
-            for g in (
-                (xs[b] - left) if left is not None else 0.0,
-                (right - xs[b]) if right is not None else 0.0,
-            )
-        ]
-        if max(gaps) <= tol + 1e-9:
-            return []
-        x = None
-        if left is not None and right is not None:
-            x = _parabola_vertex(pts[b - 1], pts[b], pts[b + 1])
-        if x is None or min(abs(x - p) for p in xs) < tol / 2:
-            # Bisect the wider side next to the best.
-            x = xs[b] - gaps[0] / 2 if gaps[0] >= gaps[1] else xs[b] + gaps[1] / 2
-        x = round(min(max(x, 0.0), 1.0), 10)
-        return [] if candidate_key(x) in seen else [x]
+        best = float(best_of(history).candidate)
+        while self.step / 2 >= self.settings.tolerance - 1e-9:
+            self.step /= 2
+            out: list[Candidate] = []
+            for x in (best - self.step, best + self.step):
+                x = round(min(max(x, 0.0), 1.0), 10)
+                if candidate_key(x) not in seen and x not in out:
+                    out.append(x)
+            if out:
+                return out
+        return []
 
     def _pattern(self, history: Sequence[Evaluation], seen: set) -> list[Candidate]:
-        # Classic pattern search: keep the step while the best moves, halve it when it stays.
+        # Pattern search: keep the step while the best moves, halve it when it stays put.
         best = best_of(history).candidate
         key = candidate_key(best)
-        if key == self._last_best:
+        if key == self._last_best or self._last_best is None:
             self.step /= 2
-        else:
-            self.step = (
-                max(self.step / 2, self.settings.tolerance)
-                if self._last_best is None
-                else self.step
-            )
         self._last_best = key
         if self.step < self.settings.tolerance - 1e-9:
             return []
@@ -146,26 +142,6 @@ class AdaptiveSearch:
                     seen.add(ck)
                     out.append(cand)
         return out
-
-
-def _parabola_vertex(a, b, c) -> float | None:
-    """x of the extremum of the parabola through three (x, y) points, if it is a maximum
-    inside [a.x, c.x]."""
-    (x1, y1), (x2, y2), (x3, y3) = a, b, c
-    if any(
-        not isinstance(v, float) or v != v or v in (float("inf"), float("-inf"))
-        for v in (y1, y2, y3)
-    ):
-        return None
-    denom = (x1 - x2) * (x1 - x3) * (x2 - x3)
-    if denom == 0:
-        return None
-    A = (x3 * (y2 - y1) + x2 * (y1 - y3) + x1 * (y3 - y2)) / denom
-    B = (x3**2 * (y1 - y2) + x2**2 * (y3 - y1) + x1**2 * (y2 - y3)) / denom
-    if A >= 0:
-        return None  # flat or convex: no interior maximum
-    x = -B / (2 * A)
-    return x if x1 < x < x3 else None
 
 
 def make_search(settings: SearchSettings, groups: Sequence[str] | None = None):

@@ -117,8 +117,14 @@ def run_simulation(
     client_app = make_client_app(overrides)
     if not verbose:
         import logging
+        import warnings
 
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # Without --verbose the terminal shows fedmerge's progress only: Flower's notice that
+        # run_simulation is deprecated (we pin 1.41, where it is the supported in-process
+        # entry point) and Ray's accelerator tip are known and say nothing about this run.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
     flwr.simulation.run_simulation(
         server_app=server_app,
         client_app=client_app,
