@@ -162,6 +162,7 @@ def run_tuning(
             scoring=recipe.scoring,
         )
         emit("round_start", round=rnd, stage=stage, candidates=candidates)
+        started = time.perf_counter()
         outcome = secure_round(
             grid, context, node_ids=site_ids, instructions=instr, settings=recipe.secagg
         )
@@ -182,6 +183,8 @@ def run_tuning(
                 "candidates": candidates,
                 "sites": sites,
                 "failed": sorted(accepted.get(n, f"node-{n}") for n in outcome.failures),
+                # Wall time of the whole SecAgg+ round (all stages), for operators' planning.
+                "seconds": round(time.perf_counter() - started, 3),
             }
         )
         out = []

@@ -53,12 +53,6 @@ def load_recipe(path: Path):
         if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
             raw[key] = str((base / raw[key]).resolve())
     recipe = validate_recipe(raw, source=str(path))
-    for field in ("fingerprint_a", "fingerprint_b", "tune_fold", "test_fold"):
-        if field in raw and raw[field] != type(recipe).model_fields[field].default:
-            raise FedmergeError(
-                f"{path}: field '{field}': cannot be sent to a deployed run yet (the ServerApp "
-                "reads no such run-config key); remove it"
-            )
     return recipe
 
 
@@ -76,9 +70,7 @@ def recipe_run_config(recipe) -> dict[str, Any]:
         if isinstance(value, tuple):
             value = ",".join(value)
         values[key] = value
-    # Fingerprints have no run-config key: the ServerApp recomputes them from its own copies.
-    expected = recipe.model_copy(update={"fingerprint_a": None, "fingerprint_b": None})
-    if recipe_from_run_config(values) != expected:  # pragma: no cover - guards a key drift
+    if recipe_from_run_config(values) != recipe:  # pragma: no cover - guards a key drift
         raise FedmergeError("recipe does not survive the run-config round trip")
     return values
 

@@ -148,6 +148,9 @@ class TuningRecipe(BaseModel):
 RUN_KEYS = {
     "parent-a": ("parent_a",),
     "parent-b": ("parent_b",),
+    # Announced to the sites; when given, the coordinator needs no copy of the parents.
+    "fingerprint-a": ("fingerprint_a",),
+    "fingerprint-b": ("fingerprint_b",),
     "method": ("method",),
     "groups": ("groups",),
     "search": ("search", "strategy"),
@@ -157,6 +160,8 @@ RUN_KEYS = {
     "max-rounds": ("search", "max_rounds"),
     "max-candidates-per-round": ("search", "max_candidates_per_round"),
     "fold-seed": ("fold_seed",),
+    "tune-fold": ("tune_fold",),
+    "test-fold": ("test_fold",),
     "min-sites": ("min_sites",),
     "num-shares": ("secagg", "num_shares"),
     "reconstruction-threshold": ("secagg", "reconstruction_threshold"),

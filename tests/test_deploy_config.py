@@ -137,6 +137,7 @@ def test_submit_stages_app_and_run_config_rebuilds_the_recipe(tiny_parents, tmp_
     recipe.write_text(yaml.safe_dump({
         "parent_a": str(tiny_parents[0]), "parent_b": str(tiny_parents[1]), "method": "linear",
         "groups": ["attention", "mlp"], "search": {"strategy": "adaptive", "tolerance": 0.1},
+        "tune_fold": 1, "test_fold": 0,
     }))
     stage = tmp_path / "staged"
     res = runner.invoke(app, ["coordinator", "submit", str(recipe), "--out", str(tmp_path / "o"),
@@ -152,6 +153,12 @@ def test_submit_stages_app_and_run_config_rebuilds_the_recipe(tiny_parents, tmp_
     rebuilt = recipe_from_run_config(run_config)
     assert rebuilt.groups == ("attention", "mlp") and rebuilt.search.strategy == "adaptive"
     assert rebuilt.search.tolerance == 0.1 and run_config["sites"] == 3
+    assert (rebuilt.tune_fold, rebuilt.test_fold) == (1, 0)
+    from common.model_io import fingerprint
+
+    # The fingerprints the sites will be shown are the coordinator's parents' own.
+    assert rebuilt.fingerprint_a == fingerprint(tiny_parents[0])
+    assert rebuilt.fingerprint_b == fingerprint(tiny_parents[1])
 
 
 def test_dry_run_prints_counts_and_fingerprints_offline(node_file, tiny_parents, monkeypatch):

@@ -103,6 +103,8 @@ def test_completes_with_the_right_sites(sim):
     assert "slerp" in (sim.out / "recipe.yaml").read_text()
     tune_keys = {"lambda", "auroc", "auprc", "auroc_ci", "n", "positives", "auroc_error_bound"}
     assert tune_keys | {"sites"} <= set(report["tune"][0])
+    assert [r["stage"] for r in report["rounds"]] == ["tune", "test"]
+    assert all(0 < r["seconds"] < 600 for r in report["rounds"])
 
 
 def test_pooled_metrics_equal_central_union_exactly(sim, central):
