@@ -58,22 +58,12 @@ def build_parents(root: Path, texts: list[str], model: str) -> tuple[Path, Path,
 
 def write_sites(root: Path, spec: str) -> tuple[Path, list[Path], list[str], list[str]]:
     from common.data import load_records
-    from simulation.splits import split_records
+    from simulation.splits import split_records, write_site_files
 
     records = load_records(spec)
     names, parts = split_records(records, "region", None, 0)
-    files = []
-    with open(root / "all.jsonl", "w") as union:
-        for name, part in zip(names, parts, strict=True):
-            path = root / f"{name}.jsonl"
-            with open(path, "w") as fh:
-                for r in part:
-                    row = json.dumps({"id": r.stay_id, "site": r.site_id, "label": r.label,
-                                      "text": r.text}) + "\n"
-                    fh.write(row)
-                    union.write(row)
-            files.append(path)
-    return root / "all.jsonl", files, names, [r.text for r in records]
+    union, files = write_site_files(root, names, parts)
+    return union, files, names, [r.text for r in records]
 
 
 def round_spans(events: list[dict]) -> dict[int, float]:
@@ -154,7 +144,9 @@ def main() -> None:
                      "secagg": {"timeout": 900.0}}
     recipe = validate_recipe({**recipe_fields, "parent_a": str(parents[0]),
                               "parent_b": str(parents[1])})
-    policy = {"min-cohort": 5, "min-positives": 1}
+    # One scoring thread per node in both engines: Ray gives each simulated node one CPU, and
+    # three deployed nodes on one host would otherwise oversubscribe its cores.
+    policy = {"min-cohort": 5, "min-positives": 1, "threads": 1}
     sim = run_sim(root, union, parents[:2], recipe_fields, {i: policy for i in range(3)})
     print(f"simulation: rounds {sim['spans']} total {sim['total_s']:.1f}s", flush=True)
     dep = run_deploy(root, parents[:2], files, names, recipe, policy)

@@ -52,6 +52,9 @@ class NodeConfig(BaseModel):
     parent_a: Path
     parent_b: Path
     device: str = "cpu"
+    # CPU threads for scoring (None: torch's default, every core). Lower it when the node
+    # shares its machine, e.g. several rehearsal nodes on one host.
+    threads: int | None = Field(default=None, ge=1)
     policy: SitePolicy = SitePolicy()
     simulated: SimulatedSplit | None = None
     # Test-only fault injection: "drop" makes the node fail inside the SecAgg+ round.
@@ -65,6 +68,7 @@ NODE_KEYS = {
     "parent-a": "parent_a",
     "parent-b": "parent_b",
     "device": "device",
+    "threads": "threads",
     "test-fault": "test_fault",
 }
 POLICY_KEYS = {

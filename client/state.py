@@ -78,6 +78,10 @@ def scorer(cfg: NodeConfig, method: str, scoring: ScoringSettings):
     """A YesNoScorer bound to the live merged model (it reads the current weights)."""
     from common.scoring import PromptTemplate, YesNoScorer
 
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     live = merger(cfg, method)
     with _LOCK:
         tok_key = ("tokenizer", Path(cfg.parent_a).resolve())

@@ -25,7 +25,7 @@ BASE_WORDS = (
     "hospital profile below , did the patient die during the ICU stay ? Answer ( yes or no ) : "
     "The patient is diagnosed with chart events mesured are mean amounts of medications "
     "administered during episode procedures performed outputs collected for of and the a an "
-    "user assistant system ' s"
+    "user assistant system ' s Did"
 )
 
 

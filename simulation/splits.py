@@ -9,7 +9,9 @@ no site list has to be shipped around.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -116,3 +118,31 @@ def split_records(
                 "or fewer sites"
             )
     return [f"site-{k}" for k in range(sites)], parts
+
+
+def write_site_files(
+    root: Path, names: Sequence[str], parts: Sequence[Sequence[PatientRecord]]
+) -> tuple[Path, list[Path]]:
+    """One `jsonl:` file per site plus their union, for running the same split as real nodes.
+
+    A deployment test or a rehearsal gives each SuperNode its own file while the simulation
+    it is compared with splits the union the same way; each file appears only when complete.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    union_rows: list[str] = []
+    for name, part in zip(names, parts, strict=True):
+        rows = [
+            json.dumps({"id": r.stay_id, "site": r.site_id, "label": r.label, "text": r.text})
+            for r in part
+        ]
+        files.append(_write_lines(root / f"{name}.jsonl", rows))
+        union_rows.extend(rows)
+    return _write_lines(root / "all.jsonl", union_rows), files
+
+
+def _write_lines(path: Path, rows: Sequence[str]) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)
+    return path

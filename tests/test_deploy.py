@@ -30,21 +30,11 @@ RECIPE = {
 def _write_cohort(root: Path) -> tuple[Path, list[Path], list[str]]:
     """One JSONL per hospital plus their union (for the simulation's region split)."""
     from common.data import load_records
-    from simulation.splits import split_records
+    from simulation.splits import split_records, write_site_files
 
     names, parts = split_records(load_records(COHORT), "region", None, 0)
-    files = []
-    with open(root / "all.jsonl", "w") as union:
-        for name, part in zip(names, parts, strict=True):
-            path = root / f"{name}.jsonl"
-            with open(path, "w") as fh:
-                for r in part:
-                    row = json.dumps({"id": r.stay_id, "site": r.site_id, "label": r.label,
-                                      "text": r.text})
-                    fh.write(row + "\n")
-                    union.write(row + "\n")
-            files.append(path)
-    return root / "all.jsonl", files, names
+    union, files = write_site_files(root, names, parts)
+    return union, files, names
 
 
 def _node_file(path: Path, site: str, data: Path, parents, conn) -> Path:
@@ -60,6 +50,7 @@ def _node_file(path: Path, site: str, data: Path, parents, conn) -> Path:
         "node": {
             "site": site, "data": f"jsonl:{data.name}", "parent_a": str(parents[0]),
             "parent_b": str(parents[1]), "policy": POLICY,
+            "threads": 1,  # three nodes share two cores, as the simulated nodes do
         },
     }))
     return path

@@ -64,6 +64,11 @@ def test_node_config_parsing_and_errors(tmp_path):
         parse_node_config({"data": "x", "parent-a": "/a"}, source="node.toml")
     with pytest.raises(FedmergeError, match="field 'policy.min_cohort'"):
         parse_node_config({"data": "x", "parent-a": "/a", "parent-b": "/b", "min-cohort": 0})
+    assert cfg.threads is None
+    minimal = {"data": "x", "parent-a": "/a", "parent-b": "/b"}
+    assert parse_node_config({**minimal, "threads": 3}).threads == 3
+    with pytest.raises(FedmergeError, match="field 'threads'"):
+        parse_node_config({"data": "x", "parent-a": "/a", "parent-b": "/b", "threads": 0})
 
 
 def test_recipe_from_run_config_and_validation():

@@ -52,3 +52,17 @@ def test_region_uses_the_data_sites(records):
         split_records(records, "region", 5)
     with pytest.raises(FedmergeError, match="expected one of"):
         split_records(records, "random", 3)
+
+
+def test_site_files_reload_as_the_same_split(records, tmp_path):
+    from common.data import load_records
+    from simulation.splits import write_site_files
+
+    names, parts = split_records(records, "label", 3, seed=1)
+    union, files = write_site_files(tmp_path, names, parts)
+    assert [f.name for f in files] == ["site-0.jsonl", "site-1.jsonl", "site-2.jsonl"]
+    for path, part in zip(files, parts, strict=True):
+        back = load_records(f"jsonl:{path}")
+        assert [(r.stay_id, r.label) for r in back] == [(r.stay_id, r.label) for r in part]
+    assert len(load_records(f"jsonl:{union}")) == len(records)
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind
