@@ -10,6 +10,7 @@ sites that failed and why.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -20,6 +21,9 @@ from client.protocol import Refusal, RoundInstructions
 from common.errors import FedmergeError
 from common.secure_sum import SITE_WEIGHT, ExactSumSettings, decode_sum
 from server.recipe import SecAggSettings
+
+# Between pulls for replies: a local request to the SuperLink, cheap against a stage's work.
+PULL_INTERVAL_S = 0.1
 
 
 class RecordingGrid(Grid):
@@ -64,12 +68,30 @@ class RecordingGrid(Grid):
         return got
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
-        messages = list(messages)
-        with self._lock:
-            self.sent.extend(messages)
-        got = list(self.inner.send_and_receive(messages, timeout=timeout))
-        with self._lock:
-            self.received.extend(got)
+        """Flower's contract (push, then pull until every reply is in or `timeout` passes),
+        polling every PULL_INTERVAL_S: the deployment grid of flwr 1.41 sleeps 3 s between
+        pulls, which a SecAgg+ round pays once per stage for nothing. Other grids (the
+        simulation's in-memory one polls every 0.1 s) keep their own loop."""
+        from flwr.superlink.grid.http_grid import HttpGrid
+
+        if not isinstance(self.inner, HttpGrid):
+            messages = list(messages)
+            with self._lock:
+                self.sent.extend(messages)
+            got = list(self.inner.send_and_receive(messages, timeout=timeout))
+            with self._lock:
+                self.received.extend(got)
+            return got
+        ids = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        got: list[Message] = []
+        while ids:
+            replies = list(self.pull_messages(ids))
+            got.extend(replies)
+            ids.difference_update(m.metadata.reply_to_message_id for m in replies)
+            if not ids or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(PULL_INTERVAL_S)
         return got
 
 

@@ -195,3 +195,30 @@ def test_server_received_nothing_per_site_in_the_clear(sim, central):
             reply = json.loads(content.config_records["fedmerge"]["fedmerge.reply"])
             assert set(reply) == {"site", "accepted"}
     assert masked_seen >= 2 * len(GOOD)
+
+
+def test_recipe_yaml_rebuilds_the_chosen_model(sim, tmp_path):
+    """`fedmerge merge recipe.yaml` gives the model whose held-out figures the report shows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from common.cli import app
+    from common.data import load_records
+    from common.data.folds import select_fold
+    from common.metrics import HistogramSpec, pooled_metrics, score_histograms
+    from common.scoring import YesNoScorer
+    from simulation.splits import split_records
+
+    merged = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", str(sim.out / "recipe.yaml"), str(merged)])
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    scorer = YesNoScorer(model, AutoTokenizer.from_pretrained(merged), max_patient_tokens=64)
+    _, parts = split_records(load_records(DATA), "region", None)
+    prepared = scorer.prepare([r for i in GOOD for r in select_fold(parts[i], 1, 2, 0)])
+    pos, neg = score_histograms(scorer.score(prepared), prepared.labels, HistogramSpec(**HIST))
+    got = pooled_metrics(pos, neg)
+    want = json.loads((sim.out / "report.json").read_text())["test"]["lambda_star"]
+    assert (got.n, got.positives) == (want["n"], want["positives"])
+    assert got.auroc == pytest.approx(want["auroc"], abs=1e-12)
+    assert got.auprc == pytest.approx(want["auprc"], abs=1e-12)
