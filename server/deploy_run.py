@@ -35,9 +35,14 @@ def locate_app_dir(app_dir: Path | None) -> Path:
 
 def load_recipe(path: Path):
     """RECIPE.yaml (TuningRecipe's fields, nested as in the model) to a validated recipe."""
-    import yaml
-
     from server.recipe import validate_recipe
+
+    return validate_recipe(read_recipe_yaml(path), source=str(path))
+
+
+def read_recipe_yaml(path: Path) -> dict[str, Any]:
+    """The recipe file's fields, parent paths made absolute against the file's folder."""
+    import yaml
 
     path = Path(path)
     if not path.is_file():
@@ -52,8 +57,7 @@ def load_recipe(path: Path):
     for key in ("parent_a", "parent_b"):
         if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
             raw[key] = str((base / raw[key]).resolve())
-    recipe = validate_recipe(raw, source=str(path))
-    return recipe
+    return raw
 
 
 def recipe_run_config(recipe) -> dict[str, Any]:

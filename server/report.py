@@ -131,7 +131,11 @@ def _fmt(x, digits: int = 4) -> str:
 
 
 def _lam_text(lam) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in lam.items()) if isinstance(lam, dict) else f"{lam:g}"
+    # Four significant digits: enough to tell candidates apart, short enough for a table cell
+    # (report.json keeps the exact values).
+    if isinstance(lam, dict):
+        return " ".join(f"{k[:4]}={v:.4g}" for k, v in lam.items())
+    return f"{lam:.4g}"
 
 
 def print_table(report: dict, console=None) -> None:

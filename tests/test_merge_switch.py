@@ -55,6 +55,17 @@ def test_switch_equals_written_merge(tiny_parents, tmp_path, method, lam, reques
         np.testing.assert_allclose(got[k], want, atol=1e-6, rtol=0, err_msg=k)
 
 
+def test_unnamed_groups_take_the_mean_of_the_named(slerp_switch, tiny_parents):
+    A, B = load_np(tiny_parents[0]), load_np(tiny_parents[1])
+    slerp_switch.apply({"attention": 0.2, "mlp": 0.8})
+    got = live(slerp_switch)
+    for k in A:
+        t = {"attention": 0.2, "mlp": 0.8, "other": 0.5}[group_of(k)]
+        np.testing.assert_allclose(got[k], ref_slerp(A[k], B[k], t), atol=1e-6, rtol=0)
+    with pytest.raises(FedmergeError, match="groups among attention, mlp, other, got heads"):
+        slerp_switch.apply({"heads": 0.5})
+
+
 def test_endpoints_are_the_parents_and_forward_follows(slerp_switch, tiny_parents):
     A, B = load_np(tiny_parents[0]), load_np(tiny_parents[1])
     ids = torch.tensor([[2, 5, 9, 14, 20]])
@@ -80,8 +91,10 @@ def test_endpoints_are_the_parents_and_forward_follows(slerp_switch, tiny_parent
 def test_bad_lambda_is_refused(slerp_switch, linear_switch):
     with pytest.raises(FedmergeError, match=r"\[0, 1\], got 1.5"):
         slerp_switch.apply(1.5)
-    with pytest.raises(FedmergeError, match="attention, mlp, other"):
-        slerp_switch.apply({"attention": 0.1, "mlp": 0.2})
+    with pytest.raises(FedmergeError, match="attention, mlp, other, got none"):
+        slerp_switch.apply({})
+    with pytest.raises(FedmergeError, match=r"lambda\[mlp\]"):
+        slerp_switch.apply({"attention": 0.1, "mlp": 1.2})
     with pytest.raises(FedmergeError, match="finite"):
         linear_switch.apply(float("nan"))
 

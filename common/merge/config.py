@@ -255,15 +255,22 @@ class MergeConfig(BaseModel):
 
 
 def normalize_lambda(lam: float | Mapping[str, float], method: str) -> float | dict[str, float]:
-    """Validate λ (a float, or one float per group) and return it as float or dict."""
+    """Validate λ (a float, or floats for some or all groups) and return it as float or dict.
+
+    A search over, say, attention and MLP alone names those two groups; the tensors of the
+    groups it leaves out (embeddings, norms, lm_head for `other`) take the mean of the named
+    groups' λ, so they sit between them rather than at either parent.
+    """
     if isinstance(lam, Mapping):
         keys = set(lam)
-        if keys != set(GROUPS):
+        if not keys or not keys <= set(GROUPS):
             raise FedmergeError(
-                f"lambda: expected one value for each group {', '.join(GROUPS)}, "
+                f"lambda: expected values for groups among {', '.join(GROUPS)}, "
                 f"got {', '.join(sorted(map(str, keys))) or 'none'}"
             )
-        return {g: _check_lambda(lam[g], method, f"lambda[{g}]") for g in GROUPS}
+        given = {g: _check_lambda(lam[g], method, f"lambda[{g}]") for g in GROUPS if g in keys}
+        rest = sum(given.values()) / len(given)
+        return {g: given.get(g, rest) for g in GROUPS}
     return _check_lambda(lam, method, "lambda")
 
 
