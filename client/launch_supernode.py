@@ -101,6 +101,9 @@ class NodeConnection(BaseModel):
     max_retries: int | None = Field(None, ge=0)
     max_wait_time: float | None = Field(None, gt=0)
     flwr_home: Path | None = None
+    # Seconds between the SuperNode's pulls while idle (Flower 1.41 waits 3 s); None runs plain
+    # `flower-supernode`. See client/supernode_entry.py.
+    idle_poll_s: float | None = Field(0.25, gt=0, le=3)
 
     @field_validator("superlink")
     @classmethod
@@ -229,8 +232,13 @@ def child_env(conn: NodeConnection) -> dict[str, str]:
 
 def supernode_argv(conn: NodeConnection, node_config: dict[str, Any]) -> list[str]:
     """The `flower-supernode` command for this node (TLS + node authentication always on)."""
+    if conn.idle_poll_s is None:
+        head = [flower_exe("flower-supernode")]
+    else:
+        poll = str(conn.idle_poll_s)
+        head = [sys.executable, "-m", "client.supernode_entry", "--idle-poll", poll]
     argv = [
-        flower_exe("flower-supernode"),
+        *head,
         "--superlink", conn.superlink,
         "--root-certificates", str(conn.root_certificates),
         "--auth-supernode-private-key", str(conn.auth_private_key),

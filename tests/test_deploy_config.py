@@ -97,7 +97,8 @@ def test_node_start_print_only_shows_tls_auth_and_worker(node_file):
     assert res.exit_code == 0, res.output
     lines = [shlex.split(x[2:]) for x in res.output.splitlines() if x.startswith("$ ")]
     supernode, worker = lines
-    assert supernode[0].endswith("flower-supernode")
+    # Flower's own SuperNode CLI, with only its 3 s idle poll shortened (client.supernode_entry).
+    assert supernode[1:5] == ["-m", "client.supernode_entry", "--idle-poll", "0.25"]
     for flag in ("--root-certificates", "--auth-supernode-private-key", "--superlink"):
         assert flag in supernode
     assert supernode[supernode.index("--isolation") + 1] == "process"
@@ -197,3 +198,26 @@ def test_dry_run_refuses_a_pem_key_flower_cannot_load(node_file, keyed, tmp_path
     res = runner.invoke(app, ["node", "dry-run", str(bad)])
     assert isinstance(res.exception, FedmergeError)
     assert "auth_private_key" in str(res.exception) and "OpenSSH" in str(res.exception)
+
+
+def test_supernode_entry_caps_only_the_idle_sleep(monkeypatch):
+    import time
+
+    import flwr
+    from flwr.supernode import start_client_internal as sci
+
+    from client import supernode_entry
+    from common.errors import FedmergeError
+
+    monkeypatch.setattr(sci, "time", sci.time)  # restored after the test
+    supernode_entry.install(0.05)
+    assert isinstance(sci.time, supernode_entry._CappedSleep)
+    t0 = time.perf_counter()
+    sci.time.sleep(3)  # the SuperNode's idle wait
+    assert time.perf_counter() - t0 < 1.0
+    assert abs(sci.time.time() - time.time()) < 1.0  # everything else is the real module
+    with pytest.raises(ValueError, match="expected seconds"):
+        supernode_entry.install(5)
+    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    with pytest.raises(FedmergeError, match="flwr==1.41.0"):
+        supernode_entry.install(0.25)
