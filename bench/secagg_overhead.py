@@ -47,26 +47,15 @@ def make_client_app():
 
     @app.train()
     def train(msg, context):
-        import flwr.compat.common.recorddict_compat as compat
-        from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+        from client.client_app import histogram_reply, read_instructions
 
-        from client.protocol import INSTRUCTIONS_KEY, RoundInstructions
-        from common.secure_sum import SITE_WEIGHT, encode_histograms
-
-        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-        instr = RoundInstructions.model_validate_json(str(fitins.config[INSTRUCTIONS_KEY]))
+        instr = read_instructions(msg)
         bins = instr.histogram.bins
         vec = _vector(msg.metadata.dst_node_id, instr.round, len(instr.candidates) * 2 * bins)
         hists = [
             (vec[i : i + bins], vec[i + bins : i + 2 * bins]) for i in range(0, len(vec), 2 * bins)
         ]
-        res = FitRes(
-            status=Status(code=Code.OK, message=""),
-            parameters=ndarrays_to_parameters([encode_histograms(hists, bins)]),
-            num_examples=SITE_WEIGHT,
-            metrics={},
-        )
-        return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+        return histogram_reply(msg, hists, bins)
 
     @app.query()
     def query(msg, context):

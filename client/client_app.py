@@ -129,18 +129,38 @@ def _sites_in_round(context: Context, announced: int) -> int:
     return min(announced, int(sampled)) if sampled else announced
 
 
-def handle_round(msg: Message, context: Context, cfg: NodeConfig) -> Message:
-    """Score every candidate on the fold and return the histograms as one integer vector."""
+def read_instructions(msg: Message) -> RoundInstructions:
+    """The round's instructions, from the config of the SecAgg+ fit message."""
+    import flwr.compat.common.recorddict_compat as compat
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    return RoundInstructions.model_validate_json(str(fitins.config[INSTRUCTIONS_KEY]))
+
+
+def histogram_reply(msg: Message, histograms, bins: int) -> Message:
+    """The only thing a site returns in a round: its histograms as one integer vector, which
+    the SecAgg+ mod masks on the way out; no metrics, a constant example count."""
     import flwr.compat.common.recorddict_compat as compat
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
+    from common.secure_sum import SITE_WEIGHT, encode_histograms
+
+    fitres = FitRes(
+        status=Status(code=Code.OK, message=""),
+        parameters=ndarrays_to_parameters([encode_histograms(histograms, bins)]),
+        num_examples=SITE_WEIGHT,
+        metrics={},
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+def handle_round(msg: Message, context: Context, cfg: NodeConfig) -> Message:
+    """Score every candidate on the fold and return the histograms as one integer vector."""
     from client import policy
     from client.state import fold_counts, fold_data, merger
     from common.metrics import score_histograms
-    from common.secure_sum import SITE_WEIGHT, encode_histograms
 
-    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    instr = RoundInstructions.model_validate_json(str(fitins.config[INSTRUCTIONS_KEY]))
+    instr = read_instructions(msg)
     accepted = context.state.config_records.get(ACCEPTED_RECORD)
     site = str(accepted["site"]) if accepted is not None else (cfg.site or "site")
     if cfg.test_fault == "drop":
@@ -171,14 +191,7 @@ def handle_round(msg: Message, context: Context, cfg: NodeConfig) -> Message:
         live.apply(cand)
         log_odds = live_scorer.score(data.prepared)
         histograms.append(score_histograms(log_odds, data.labels, instr.histogram))
-    vector = encode_histograms(histograms, instr.histogram.bins)
-    fitres = FitRes(
-        status=Status(code=Code.OK, message=""),
-        parameters=ndarrays_to_parameters([vector]),
-        num_examples=SITE_WEIGHT,
-        metrics={},
-    )
-    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+    return histogram_reply(msg, histograms, instr.histogram.bins)
 
 
 def make_client_app(overrides: Mapping[int, Mapping[str, object]] | None = None) -> ClientApp:

@@ -90,10 +90,9 @@ def dry_run(node_file: str | Path, *, folds: int = 2, fold_seed: int = 0) -> Dry
     from client import state
     from client.launch_supernode import (
         load_node_file,
+        node_commands,
         node_config_values,
         shell_line,
-        supernode_argv,
-        worker_argv,
     )
     from client.node_config import parse_node_config
     from common.data.folds import select_fold
@@ -130,10 +129,7 @@ def dry_run(node_file: str | Path, *, folds: int = 2, fold_seed: int = 0) -> Dry
     live = state.merger(cfg, "linear")  # loads both parents and checks they are mergeable
     parameters = sum(p.numel() for p in live.model.parameters())
 
-    commands = [shell_line(supernode_argv(conn, values))]
-    worker = worker_argv(conn)
-    if worker:
-        commands.append(shell_line(worker))
+    commands = [shell_line(argv) for _, argv in node_commands(conn, values)]
     return DryRunReport(
         node_file=Path(node_file), site=site, data=cfg.data, records=len(records),
         positives=sum(r.label for r in records), folds=per_fold,

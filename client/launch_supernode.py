@@ -266,6 +266,15 @@ def worker_argv(conn: NodeConnection) -> list[str] | None:
     ]
 
 
+def node_commands(conn: NodeConnection, node_config: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """What `fedmerge node start` runs, in order; the dry run prints the same list."""
+    commands = [("supernode", supernode_argv(conn, node_config))]
+    worker = worker_argv(conn)
+    if worker:
+        commands.append(("worker", worker))
+    return commands
+
+
 def shell_line(argv: list[str]) -> str:
     import shlex
 

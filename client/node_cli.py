@@ -63,18 +63,13 @@ def start_cmd(
     from client.launch_supernode import (
         child_env,
         load_node_file,
+        node_commands,
         node_config_values,
         shell_line,
-        supernode_argv,
-        worker_argv,
     )
 
     nf = load_node_file(node_file)
-    values = node_config_values(nf)
-    commands = [("supernode", supernode_argv(nf.connection, values))]
-    worker = worker_argv(nf.connection)
-    if worker:
-        commands.append(("worker", worker))
+    commands = node_commands(nf.connection, node_config_values(nf))
     for _, argv in commands:
         typer.echo(f"$ {shell_line(argv)}")
     if print_only:

@@ -18,12 +18,11 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.serverapp import Grid
 
-from client.client_app import secure_mod
-from client.protocol import INSTRUCTIONS_KEY, RoundInstructions
+from client.client_app import histogram_reply, read_instructions, secure_mod
+from client.protocol import RoundInstructions
 from common.errors import FedmergeError
 from common.metrics import HistogramSpec
 from common.secure_sum import (
-    SITE_WEIGHT,
     ExactSumSettings,
     decode_sum,
     encode_histograms,
@@ -110,24 +109,14 @@ def _instructions(candidates: int, rnd: int = 1) -> RoundInstructions:
 
 def _site_app(hists, fail: bool = False, mod=secure_mod) -> ClientApp:
     """A ClientApp whose train handler returns fixed histograms the real way."""
-    import flwr.compat.common.recorddict_compat as compat
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-
     app = ClientApp(mods=[mod])
 
     @app.train()
     def train(msg, context):
-        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-        assert INSTRUCTIONS_KEY in fitins.config
+        assert read_instructions(msg).round >= 1
         if fail:
             raise RuntimeError("site dropped")
-        res = FitRes(
-            status=Status(code=Code.OK, message=""),
-            parameters=ndarrays_to_parameters([encode_histograms(hists, BINS)]),
-            num_examples=SITE_WEIGHT,
-            metrics={},
-        )
-        return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+        return histogram_reply(msg, hists, BINS)
 
     return app
 

@@ -47,14 +47,20 @@ def _installed_package_dir() -> Path | None:
 
 def demo_parent_dirs() -> tuple[Path, Path]:
     """(parent A, parent B): A is the base_model side (λ = 0), B is λ = 1."""
+    def complete(root: Path) -> bool:
+        return all(
+            (root / name / "config.json").is_file() and (root / name / WEIGHTS).is_file()
+            for name in (PARENT_A_NAME, PARENT_B_NAME)
+        )
+
     tried = [PACKAGE_DIR]
-    installed = _installed_package_dir()
-    if installed is not None and installed.resolve() != PACKAGE_DIR:
-        tried.append(installed.resolve())
+    if not complete(PACKAGE_DIR):  # only inside a Flower app bundle
+        installed = _installed_package_dir()
+        if installed is not None and installed.resolve() != PACKAGE_DIR:
+            tried.append(installed.resolve())
     for root in tried:
-        a, b = root / PARENT_A_NAME, root / PARENT_B_NAME
-        if all((p / "config.json").is_file() and (p / WEIGHTS).is_file() for p in (a, b)):
-            return a, b
+        if complete(root):
+            return root / PARENT_A_NAME, root / PARENT_B_NAME
     raise FedmergeError(
         f"demo parents: no {PARENT_A_NAME}/{WEIGHTS} and {PARENT_B_NAME}/{WEIGHTS} under "
         f"{' or '.join(str(t) for t in tried)}; expected the shipped checkpoints "
