@@ -4,7 +4,7 @@ spent outside scoring.
 Both runs do the same work: three hospitals (a seeded synthetic cohort split by site), the
 same two parents, the same grid. The deployment is real (SuperLink with TLS and node
 authentication, three SuperNodes in process isolation with fedmerge's persistent worker) on
-127.0.0.1. Round times come from the coordinator (`server.deploy_timing` logs round start
+127.0.0.1. Round times come from the coordinator (`bench/timed_server_app.py` logs round start
 and end); scoring time per round is the slowest hospital's ClientApp handler time for that
 round (the worker logs it), since hospitals score in parallel.
 
@@ -28,12 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-for _k, _v in {
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_k, _v)
+from common.flower_runtime import set_offline_defaults  # noqa: E402
+
+set_offline_defaults()
 
 MODELS = {
     # ~30M parameters with the cohort's word vocabulary (printed below).
@@ -58,7 +55,7 @@ def build_parents(root: Path, texts: list[str], model: str) -> tuple[Path, Path,
 
 def write_sites(root: Path, spec: str) -> tuple[Path, list[Path], list[str], list[str]]:
     from common.data import load_records
-    from simulation.splits import split_records, write_site_files
+    from common.data.splits import split_records, write_site_files
 
     records = load_records(spec)
     names, parts = split_records(records, "region", None, 0)
@@ -73,8 +70,8 @@ def round_spans(events: list[dict]) -> dict[int, float]:
 
 
 def run_deploy(root: Path, parents, site_files, site_names, recipe, policy) -> dict:
-    from server.deploy_local import LocalDeployment
-    from server.deploy_run import run_config_for, stage_app
+    from server.deployment import run_config_for, stage_app
+    from simulation.local_deployment import LocalDeployment
 
     round_log, stats = root / "rounds.jsonl", root / "worker-stats.jsonl"
     os.environ["FEDMERGE_ROUND_LOG"] = str(round_log)
@@ -91,8 +88,8 @@ def run_deploy(root: Path, parents, site_files, site_names, recipe, policy) -> d
             })
         out = root / "deploy-report"
         run_config = run_config_for(recipe, out, sites=len(names))
-        staged = stage_app(ROOT, root / "staged", run_config,
-                           serverapp="server.deploy_timing:app")
+        staged = stage_app(ROOT, root / "staged", run_config, serverapp="timed_server_app:app",
+                           extra_files=[Path(__file__).with_name("timed_server_app.py")])
         t0 = time.monotonic()
         run_id = dep.submit(run_config, app_dir=staged)
         dep.wait_for_file(out / "report.json", run_id, timeout=1800)

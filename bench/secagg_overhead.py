@@ -12,20 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-for _k, _v in {
-    "HF_HUB_OFFLINE": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-}.items():
-    os.environ.setdefault(_k, _v)
+from common.flower_runtime import set_offline_defaults  # noqa: E402
+
+set_offline_defaults()
 
 import numpy as np  # noqa: E402
 
@@ -75,16 +70,17 @@ def make_server_app(lengths, rounds, sites, results):
     from flwr.app.message_type import MessageType
     from flwr.serverapp import ServerApp
 
-    from client.protocol import RoundInstructions
     from common.metrics import HistogramSpec
+    from common.protocol import RoundInstructions
+    from server.grid import CoordinatorGrid
     from server.recipe import SecAggSettings
-    from server.secagg import RecordingGrid, secure_round
+    from server.secagg import secure_round
 
     app = ServerApp()
 
     @app.main()
     def main(grid, context):
-        grid = RecordingGrid(grid)
+        grid = CoordinatorGrid(grid)
         while len(list(grid.get_node_ids())) < sites:
             time.sleep(0.2)
         nodes = sorted(grid.get_node_ids())

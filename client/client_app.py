@@ -1,23 +1,25 @@
-"""The hospital node: a Flower ClientApp that scores merges locally, answering through SecAgg+.
+"""The hospital node as a Flower ClientApp: decode a message, check policy, reply.
 
 Two kinds of message reach it. A QUERY carries the coordinator's announcement; the site checks
 its policy and answers with its name or an error reply that says why it refuses. A TRAIN
 message is one SecAgg+ round: the mod runs the key exchange and, at the masked-vector stage,
-calls `handle_round`, which re-checks the policy, switches the merge in place per candidate,
-scores the fold and returns the concatenated histograms as the one vector SecAgg+ masks.
-Nothing else leaves the site: empty metrics and a constant example count.
+calls `handle_round`, which re-checks the policy and has `client.task` score every candidate;
+the concatenated histograms are the one vector SecAgg+ masks. Nothing else leaves the site:
+empty metrics and a constant example count. The work itself lives in `client.task`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
 from client.node_config import NodeConfig, parse_node_config, simulated_node_config
-from client.protocol import (
+from common.errors import FedmergeError
+from common.protocol import (
     INSTRUCTIONS_KEY,
     RECORD_NAME,
     REFUSAL_CODE,
@@ -27,7 +29,8 @@ from client.protocol import (
     Refusal,
     RoundInstructions,
 )
-from common.errors import FedmergeError
+
+ParentsFn = Callable[[], tuple[Path, Path]]
 
 ACCEPTED_RECORD = "fedmerge.accepted"
 SECAGG_STATE_RECORD = "secaggplus_state"  # flwr's RECORD_KEY_STATE, checked in tests
@@ -48,7 +51,9 @@ def secure_mod(msg: Message, context: Context, call_next):
 
 
 def resolve_node_config(
-    context: Context, overrides: Mapping[int, Mapping[str, object]] | None = None
+    context: Context,
+    overrides: Mapping[int, Mapping[str, object]] | None = None,
+    default_parents: ParentsFn | None = None,
 ) -> NodeConfig:
     """This node's settings: its own node config, a simulation override, or `flwr run` defaults."""
     raw = dict(context.node_config)
@@ -61,27 +66,22 @@ def resolve_node_config(
                 int(pid),
                 int(raw.get("num-partitions", 1)),
                 context.run_config,
-                _run_parents(context),
+                _run_parents(context, default_parents),
             )
         )
     return parse_node_config(raw)
 
 
-def _run_parents(context: Context):
-    from pathlib import Path
-
+def _run_parents(context: Context, default_parents: ParentsFn | None) -> tuple[Path, Path]:
     a, b = context.run_config.get("parent-a"), context.run_config.get("parent-b")
     if a and b:
         return Path(str(a)), Path(str(b))
-    from simulation.demo_parents import demo_parent_dirs
-
-    return demo_parent_dirs()
-
-
-def _own_fingerprints(cfg: NodeConfig) -> tuple[str, str]:
-    from client.state import parent_fingerprint
-
-    return parent_fingerprint(cfg.parent_a), parent_fingerprint(cfg.parent_b)
+    if default_parents is None:
+        raise FedmergeError(
+            "run config: parent-a and parent-b are empty and this app has no default parents; "
+            "expected both parent directories"
+        )
+    return default_parents()
 
 
 def _refuse(msg: Message, site: str, reason: str) -> Message:
@@ -92,25 +92,14 @@ def _refuse(msg: Message, site: str, reason: str) -> Message:
 
 def handle_announcement(msg: Message, context: Context, cfg: NodeConfig) -> Message:
     """Policy check before any SecAgg+ round; accept with the site's name or refuse."""
-    from client import policy
-    from client.state import fold_counts, site_records
+    from client.task import check_announcement
 
     site = cfg.site or "site"
     try:
         ann = Announcement.model_validate_json(
             str(msg.content.config_records[RECORD_NAME][INSTRUCTIONS_KEY])
         )
-        site, _ = site_records(cfg, ann.scoring.hard)
-        counts = {
-            f: fold_counts(cfg, f, ann.folds, ann.fold_seed, ann.scoring.hard)
-            for f in ann.score_folds
-        }
-        reason = policy.first_refusal(
-            policy.check_sites(cfg.policy, ann.sites),
-            policy.check_count(cfg.policy, ann.max_candidates_per_round),
-            policy.check_parents(_own_fingerprints(cfg), ann.parent_fingerprints),
-            policy.check_cohort(cfg.policy, counts),
-        )
+        site, reason = check_announcement(cfg, ann)
     except (FedmergeError, KeyError, ValueError) as exc:
         return _refuse(msg, site, f"node cannot take part: {exc}")
     if reason:
@@ -155,56 +144,44 @@ def histogram_reply(msg: Message, histograms, bins: int) -> Message:
 
 
 def handle_round(msg: Message, context: Context, cfg: NodeConfig) -> Message:
-    """Score every candidate on the fold and return the histograms as one integer vector."""
-    from client import policy
-    from client.state import fold_counts, fold_data, merger
-    from common.metrics import score_histograms
+    """Re-check the policy, score every candidate, return the histograms as one vector."""
+    from client.task import check_round, score_candidates
 
     instr = read_instructions(msg)
     accepted = context.state.config_records.get(ACCEPTED_RECORD)
     site = str(accepted["site"]) if accepted is not None else (cfg.site or "site")
     if cfg.test_fault == "drop":
         raise RuntimeError(f"{site}: injected fault (test-fault=drop)")
-    if accepted is None or accepted["recipe"] != instr.recipe_fingerprint:
-        reason = "round does not match the recipe this site accepted"
-    else:
-        counts = {
-            instr.fold: fold_counts(
-                cfg, instr.fold, instr.folds, instr.fold_seed, instr.scoring.hard
-            )
-        }
-        reason = policy.first_refusal(
-            policy.check_sites(cfg.policy, _sites_in_round(context, instr.sites)),
-            policy.check_candidates(cfg.policy, instr.candidates),
-            policy.check_parents(_own_fingerprints(cfg), instr.parent_fingerprints),
-            policy.check_cohort(cfg.policy, counts),
-        )
+    reason = check_round(
+        cfg,
+        instr,
+        accepted_recipe=str(accepted["recipe"]) if accepted is not None else None,
+        sites_in_round=_sites_in_round(context, instr.sites),
+    )
     if reason:
         raise PolicyRefused(Refusal(site=site, reason=reason).to_reason())
-
-    live_scorer, data = fold_data(
-        cfg, instr.method, instr.scoring, instr.fold, instr.folds, instr.fold_seed
-    )
-    live = merger(cfg, instr.method)
-    histograms = []
-    for cand in instr.candidates:
-        live.apply(cand)
-        log_odds = live_scorer.score(data.prepared)
-        histograms.append(score_histograms(log_odds, data.labels, instr.histogram))
+    histograms = score_candidates(cfg, instr)
     return histogram_reply(msg, histograms, instr.histogram.bins)
 
 
-def make_client_app(overrides: Mapping[int, Mapping[str, object]] | None = None) -> ClientApp:
-    """The hospital ClientApp; `overrides` (partition id -> node config) is for simulation."""
+def make_client_app(
+    overrides: Mapping[int, Mapping[str, object]] | None = None,
+    default_parents: ParentsFn | None = None,
+) -> ClientApp:
+    """The hospital ClientApp. `overrides` (partition id -> node config) is for simulation;
+    `default_parents` supplies parents when a `flwr run` simulation's run config has none."""
     client_app = ClientApp(mods=[secure_mod])
+
+    def node(context: Context) -> NodeConfig:
+        return resolve_node_config(context, overrides, default_parents)
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
-        return handle_announcement(msg, context, resolve_node_config(context, overrides))
+        return handle_announcement(msg, context, node(context))
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_round(msg, context, resolve_node_config(context, overrides))
+        return handle_round(msg, context, node(context))
 
     return client_app
 

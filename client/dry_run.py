@@ -2,7 +2,7 @@
 
 Why: a mistake found during a federated round costs every site a round (and shows up on
 the coordinator's screen); found here it costs one command. The dry run goes through the
-same code the running ClientApp uses (`client.state`) to load the cohort, fingerprint and
+same code the running ClientApp uses (`client.node_cache`) to load the cohort, fingerprint and
 load the parents, and reads the TLS CA and the node key the SuperNode will use, so a green
 dry run means the node will start with these files. It opens no socket.
 """
@@ -87,15 +87,11 @@ def _check_node_key(path: Path, warnings: list[str]) -> str:
 
 def dry_run(node_file: str | Path, *, folds: int = 2, fold_seed: int = 0) -> DryRunReport:
     """Validate the node file, load data and parents, and describe what `start` would run."""
-    from client import state
-    from client.launch_supernode import (
-        load_node_file,
-        node_commands,
-        node_config_values,
-        shell_line,
-    )
+    from client import node_cache
     from client.node_config import parse_node_config
+    from client.node_file import load_node_file, node_commands, node_config_values
     from common.data.folds import select_fold
+    from common.flower_runtime import shell_line
 
     nf = load_node_file(node_file)
     values = node_config_values(nf)
@@ -105,7 +101,7 @@ def dry_run(node_file: str | Path, *, folds: int = 2, fold_seed: int = 0) -> Dry
     ca_subject, ca_not_after = _check_ca(conn.root_certificates)
     key_fp = _check_node_key(conn.auth_private_key, warnings)
 
-    site, records = state.site_records(cfg, hard=False)
+    site, records = node_cache.site_records(cfg, hard=False)
     if not records:
         raise FedmergeError(f"{node_file}: field node.data: {cfg.data} has no records")
     per_fold = []
@@ -124,9 +120,9 @@ def dry_run(node_file: str | Path, *, folds: int = 2, fold_seed: int = 0) -> Dry
                 f"fold {f} has {sum(r.label for r in chosen)} positives, below min_positives "
                 f"{cfg.policy.min_positives}: the node will refuse to score it"
             )
-    fp_a = state.parent_fingerprint(cfg.parent_a)
-    fp_b = state.parent_fingerprint(cfg.parent_b)
-    live = state.merger(cfg, "linear")  # loads both parents and checks they are mergeable
+    fp_a = node_cache.parent_fingerprint(cfg.parent_a)
+    fp_b = node_cache.parent_fingerprint(cfg.parent_b)
+    live = node_cache.merger(cfg, "linear")  # loads both parents and checks they are mergeable
     parameters = sum(p.numel() for p in live.model.parameters())
 
     commands = [shell_line(argv) for _, argv in node_commands(conn, values)]

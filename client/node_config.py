@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.errors import FedmergeError
+from common.errors import FedmergeError, validation_error
 
 
 class SitePolicy(BaseModel):
@@ -105,9 +105,7 @@ def parse_node_config(
     try:
         return NodeConfig.model_validate(fields)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise FedmergeError(f"{source}: field '{loc}': {err['msg']}") from None
+        raise validation_error(source, exc) from None
 
 
 def simulated_node_config(

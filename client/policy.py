@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from client.node_config import SitePolicy
-from client.protocol import GROUPS, Candidate
+from common.protocol import GROUPS, Candidate
 
 
 def check_sites(policy: SitePolicy, sites: int) -> str | None:

@@ -225,6 +225,20 @@ class Checkpoint:
         self._handles.clear()
 
 
+def require_checkpoint(path: str | os.PathLike[str], what: str) -> Path:
+    """`path` as a checkpoint directory (one holding config.json), or one error naming `what`.
+
+    Every side checks its parents before any work: the coordinator before it announces
+    fingerprints, a hospital before it hashes or loads them, `fedmerge score` before loading.
+    """
+    root = Path(path)
+    if not (root / CONFIG_NAME).is_file():
+        raise FedmergeError(
+            f"{what} {root}: config.json not found; expected a local checkpoint directory"
+        )
+    return root
+
+
 def fingerprint(model_dir: str | os.PathLike[str]) -> str:
     """SHA-256 identifying a checkpoint by content: config.json and weight files, sorted by name.
 

@@ -20,8 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from common.errors import FedmergeError
-
-PINNED_FLWR_VERSION = "1.41.0"
+from common.flower_runtime import PINNED_FLWR_VERSION
 
 # Modules whose global `pseudo_rand_gen` the SecAgg+ code calls at run time.
 PATCHED_MODULES = (
@@ -67,13 +66,9 @@ def crypto_rand_gen(
 
 def check_flwr_version() -> None:
     """Refuse to run SecAgg+ on a Flower release the patch was not checked against."""
-    import flwr
+    from common.flower_runtime import check_flwr_version as check
 
-    if flwr.__version__ != PINNED_FLWR_VERSION:
-        raise FedmergeError(
-            f"flwr {flwr.__version__} is installed; fedmerge's secure-mask patch was checked "
-            f"against flwr=={PINNED_FLWR_VERSION} only (expected that version; reinstall it)"
-        )
+    check("fedmerge's secure-mask patch")
 
 
 def install() -> None:

@@ -17,21 +17,20 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 
-from client.protocol import (
+from common.errors import FedmergeError
+from common.protocol import (
     INSTRUCTIONS_KEY,
     RECORD_NAME,
     REPLY_KEY,
-    Announcement,
     Candidate,
     PolicyReply,
     Refusal,
-    RoundInstructions,
     candidate_key,
 )
-from common.errors import FedmergeError
+from server.grid import CoordinatorGrid
 from server.recipe import TuningRecipe
 from server.search import Evaluation, best_of, make_search, run_search
-from server.secagg import RecordingGrid, describe_error, secure_round
+from server.secagg import describe_error, secure_round
 
 EventFn = Callable[..., None]
 
@@ -70,18 +69,8 @@ def wait_for_nodes(grid, expected: int, wait_s: float) -> list[int]:
         time.sleep(0.2)
 
 
-def _announce(grid: RecordingGrid, recipe: TuningRecipe, node_ids: list[int]):
-    ann = Announcement(
-        recipe_fingerprint=recipe.fingerprint(),
-        parent_fingerprints=recipe.parent_fingerprints,
-        method=recipe.method,
-        sites=len(node_ids),
-        max_candidates_per_round=recipe.search.max_candidates_per_round,
-        folds=recipe.folds,
-        fold_seed=recipe.fold_seed,
-        score_folds=(recipe.tune_fold, recipe.test_fold),
-        scoring=recipe.scoring,
-    )
+def _announce(grid: CoordinatorGrid, recipe: TuningRecipe, node_ids: list[int]):
+    ann = recipe.announcement(sites=len(node_ids))
     content = RecordDict({RECORD_NAME: ConfigRecord({INSTRUCTIONS_KEY: ann.model_dump_json()})})
     msgs = [
         Message(content=content, dst_node_id=nid, message_type=MessageType.QUERY, group_id="policy")
@@ -128,7 +117,7 @@ def run_tuning(
     from common.metrics import pooled_metrics
 
     emit = on_event or (lambda *a, **k: None)
-    grid = grid if isinstance(grid, RecordingGrid) else RecordingGrid(grid)
+    grid = grid if isinstance(grid, CoordinatorGrid) else CoordinatorGrid(grid)
     recipe = recipe.with_fingerprints()
     node_ids = wait_for_nodes(grid, expected_sites or recipe.min_sites, wait_s)
     emit("nodes", count=len(node_ids))
@@ -146,20 +135,9 @@ def run_tuning(
     contributing: set[str] = set()
     dropouts: list[dict] = []
 
-    def do_round(candidates: list[Candidate], rnd: int, stage: str, fold: int):
-        instr = RoundInstructions(
-            round=rnd,
-            stage=stage,
-            recipe_fingerprint=recipe.fingerprint(),
-            parent_fingerprints=recipe.parent_fingerprints,
-            method=recipe.method,
-            candidates=candidates,
-            fold=fold,
-            folds=recipe.folds,
-            fold_seed=recipe.fold_seed,
-            histogram=recipe.histogram,
-            sites=len(site_ids),
-            scoring=recipe.scoring,
+    def do_round(candidates: list[Candidate], rnd: int, stage: str):
+        instr = recipe.round_instructions(
+            round=rnd, stage=stage, candidates=candidates, sites=len(site_ids)
         )
         emit("round_start", round=rnd, stage=stage, candidates=candidates)
         started = time.perf_counter()
@@ -179,7 +157,7 @@ def run_tuning(
             {
                 "round": rnd,
                 "stage": stage,
-                "fold": fold,
+                "fold": instr.fold,
                 "candidates": candidates,
                 "sites": sites,
                 "failed": sorted(accepted.get(n, f"node-{n}") for n in outcome.failures),
@@ -199,7 +177,7 @@ def run_tuning(
     def evaluate(candidates: list[Candidate], _rnd: int):
         nonlocal round_no
         round_no += 1
-        out = do_round(candidates, round_no, "tune", recipe.tune_fold)
+        out = do_round(candidates, round_no, "tune")
         for r in out:
             results[candidate_key(r.candidate)] = r
         return [r.metrics for r in out]
@@ -219,7 +197,7 @@ def run_tuning(
     round_no += 1
     test_out = {
         candidate_key(r.candidate): r
-        for r in do_round(test_cands, round_no, "test", recipe.test_fold)
+        for r in do_round(test_cands, round_no, "test")
     }
     test = {
         "lambda_star": test_out[candidate_key(star)],

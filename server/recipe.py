@@ -14,9 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from client.protocol import GROUPS, ScoringSettings
-from common.errors import FedmergeError
+from common.errors import FedmergeError, validation_error
 from common.metrics import HistogramSpec
+from common.protocol import GROUPS, Announcement, Candidate, RoundInstructions, ScoringSettings
 
 
 class SearchSettings(BaseModel):
@@ -109,16 +109,15 @@ class TuningRecipe(BaseModel):
         """Fill missing parent fingerprints from the coordinator's own copies of the parents."""
         if self.fingerprint_a and self.fingerprint_b:
             return self
-        from common.model_io import fingerprint
+        from common.model_io import fingerprint, require_checkpoint
 
-        fps = []
-        for label, path in (("parent_a", self.parent_a), ("parent_b", self.parent_b)):
-            if not (Path(path) / "config.json").is_file():
-                raise FedmergeError(
-                    f"recipe: {label} = {path}: no config.json there; expected a local checkpoint "
-                    "directory (or give fingerprint_a/fingerprint_b)"
-                )
-            fps.append(fingerprint(Path(path)))
+        fps = [
+            fingerprint(require_checkpoint(path, f"recipe: {label} (or give fingerprint_{ab})"))
+            for label, ab, path in (
+                ("parent_a", "a", self.parent_a),
+                ("parent_b", "b", self.parent_b),
+            )
+        ]
         return self.model_copy(
             update={
                 "fingerprint_a": self.fingerprint_a or fps[0],
@@ -136,6 +135,41 @@ class TuningRecipe(BaseModel):
         """SHA-256 of everything that changes what sites compute (not paths, not timeouts)."""
         payload = self.model_dump_json(exclude={"parent_a", "parent_b", "secagg"}, round_trip=True)
         return hashlib.sha256(payload.encode()).hexdigest()
+
+    def terms(self) -> dict[str, object]:
+        """The fields every message of a run restates (`common.protocol.RecipeTerms`)."""
+        return {
+            "recipe_fingerprint": self.fingerprint(),
+            "parent_fingerprints": self.parent_fingerprints,
+            "method": self.method,
+            "folds": self.folds,
+            "fold_seed": self.fold_seed,
+            "scoring": self.scoring,
+        }
+
+    def announcement(self, sites: int) -> Announcement:
+        """What the sites check their policy against before any round."""
+        return Announcement(
+            **self.terms(),
+            sites=sites,
+            max_candidates_per_round=self.search.max_candidates_per_round,
+            score_folds=(self.tune_fold, self.test_fold),
+        )
+
+    def round_instructions(
+        self, *, round: int, stage: Literal["tune", "test"], candidates: list[Candidate],
+        sites: int,
+    ) -> RoundInstructions:
+        """One round's instructions: the recipe's terms plus the round's candidates and fold."""
+        return RoundInstructions(
+            **self.terms(),
+            round=round,
+            stage=stage,
+            candidates=candidates,
+            fold=self.tune_fold if stage == "tune" else self.test_fold,
+            histogram=self.histogram,
+            sites=sites,
+        )
 
     def parent_candidate(self, which: Literal[0, 1]):
         """λ = 0 (parent A) or λ = 1 (parent B) in this recipe's candidate shape."""
@@ -180,9 +214,13 @@ OTHER_RUN_KEYS = {"data", "split", "split-seed", "out", "sites"}
 
 
 def recipe_from_run_config(
-    run_config: Mapping[str, object], *, source: str = "run config", default_parents=None
+    run_config: Mapping[str, object],
+    *,
+    source: str = "run config",
+    default_parents: tuple[Path, Path] | None = None,
 ) -> TuningRecipe:
-    """Build a recipe from Flower's flat run config; empty parents mean the demo pair."""
+    """Build a recipe from Flower's flat run config; empty parents mean `default_parents`
+    (the caller's choice: `flwr run .` passes the demo pair)."""
     fields: dict[str, dict | object] = {}
     for key, value in run_config.items():
         if key in OTHER_RUN_KEYS:
@@ -201,11 +239,7 @@ def recipe_from_run_config(
             fields[path[0]] = value
         else:
             fields.setdefault(path[0], {})[path[1]] = value  # type: ignore[index]
-    if "parent_a" not in fields or "parent_b" not in fields:
-        if default_parents is None:
-            from simulation.demo_parents import demo_parent_dirs
-
-            default_parents = demo_parent_dirs()
+    if ("parent_a" not in fields or "parent_b" not in fields) and default_parents is not None:
         fields.setdefault("parent_a", str(default_parents[0]))
         fields.setdefault("parent_b", str(default_parents[1]))
     return validate_recipe(fields, source=source)
@@ -215,6 +249,23 @@ def validate_recipe(fields: Mapping[str, object], *, source: str = "recipe") -> 
     try:
         return TuningRecipe.model_validate(dict(fields))
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(recipe)"
-        raise FedmergeError(f"{source}: field '{loc}': {err['msg']}") from None
+        raise validation_error(source, exc) from None
+
+
+def read_recipe_file(path: Path) -> dict[str, object]:
+    """RECIPE.yaml's fields (nested as in TuningRecipe), parent paths made absolute against
+    the file's folder; validated later, after command-line flags are applied."""
+    from common.config_io import read_yaml_mapping
+
+    path = Path(path)
+    raw = read_yaml_mapping(path, "recipe file")
+    base = path.resolve().parent
+    for key in ("parent_a", "parent_b"):
+        if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
+            raw[key] = str((base / raw[key]).resolve())
+    return raw
+
+
+def load_recipe(path: Path) -> TuningRecipe:
+    """RECIPE.yaml to a validated recipe; errors name the file and the field."""
+    return validate_recipe(read_recipe_file(path), source=str(path))

@@ -18,8 +18,8 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from client.protocol import Candidate, candidate_key
 from common.metrics import PooledMetrics
+from common.protocol import Candidate, candidate_key
 from server.recipe import SearchSettings
 
 

@@ -1,4 +1,4 @@
-"""One SecAgg+ round of histogram sums, and a Grid that records what the coordinator receives.
+"""One SecAgg+ round of histogram sums over the sites the coordinator chose.
 
 Flower's SecAggPlusWorkflow is driven directly, one call per search round, instead of through
 `DefaultWorkflow`: the number of rounds depends on the search, and nothing here needs initial
@@ -9,90 +9,15 @@ sites that failed and why.
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from client.protocol import Refusal, RoundInstructions
 from common.errors import FedmergeError
+from common.protocol import Refusal, RoundInstructions
 from common.secure_sum import SITE_WEIGHT, ExactSumSettings, decode_sum
+from server.grid import CoordinatorGrid
 from server.recipe import SecAggSettings
-
-# Between pulls for replies: a local request to the SuperLink, cheap against a stage's work.
-PULL_INTERVAL_S = 0.1
-
-
-class RecordingGrid(Grid):
-    """Delegates to the real Grid and keeps every message sent and received, in order.
-
-    The coordinator uses it to tell which sites answered a halted round; tests use it to prove
-    that nothing per-site arrives in the clear.
-    """
-
-    def __init__(self, inner: Grid):
-        self.inner = inner
-        self.sent: list[Message] = []
-        self.received: list[Message] = []
-        self._lock = threading.Lock()
-
-    def set_run(self, run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self):
-        return self.inner.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def get_nodes(self):
-        return self.inner.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        messages = list(messages)
-        with self._lock:
-            self.sent.extend(messages)
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        got = list(self.inner.pull_messages(message_ids))
-        with self._lock:
-            self.received.extend(got)
-        return got
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
-        """Flower's contract (push, then pull until every reply is in or `timeout` passes),
-        polling every PULL_INTERVAL_S: the deployment grid of flwr 1.41 sleeps 3 s between
-        pulls, which a SecAgg+ round pays once per stage for nothing. Other grids (the
-        simulation's in-memory one polls every 0.1 s) keep their own loop."""
-        from flwr.superlink.grid.http_grid import HttpGrid
-
-        if not isinstance(self.inner, HttpGrid):
-            messages = list(messages)
-            with self._lock:
-                self.sent.extend(messages)
-            got = list(self.inner.send_and_receive(messages, timeout=timeout))
-            with self._lock:
-                self.received.extend(got)
-            return got
-        ids = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        got: list[Message] = []
-        while ids:
-            replies = list(self.pull_messages(ids))
-            got.extend(replies)
-            ids.difference_update(m.metadata.reply_to_message_id for m in replies)
-            if not ids or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(PULL_INTERVAL_S)
-        return got
 
 
 @dataclass
@@ -104,7 +29,7 @@ class RoundOutcome:
     failures: dict[int, str] = field(default_factory=dict)  # node id -> raw error reason
 
 
-def _failures_for_round(grid: RecordingGrid, start: int, group_id: str) -> dict[int, str]:
+def _failures_for_round(grid: CoordinatorGrid, start: int, group_id: str) -> dict[int, str]:
     out: dict[int, str] = {}
     for msg in grid.received[start:]:
         if msg.metadata.group_id == group_id and msg.has_error():
@@ -120,7 +45,7 @@ def describe_error(reason: str | None) -> str:
 
 
 def secure_round(
-    grid: RecordingGrid,
+    grid: CoordinatorGrid,
     context: Context,
     *,
     node_ids: list[int],

@@ -1,13 +1,16 @@
 """The coordinator as a Flower ServerApp.
 
-`app` is what `flwr run .` starts: it reads the recipe from `context.run_config` (the
-`[tool.flwr.app.config]` defaults plus `--run-config` overrides) and writes the report to the
-run config's `out`. `make_server_app` builds the same app around a given recipe for the
-in-process simulation, where the run config is empty and the caller wants the outcome back.
+`app` is what a deployment runs (`fedmerge coordinator submit` stages it): it reads the recipe
+from `context.run_config` (the `[tool.flwr.app.config]` defaults plus `--run-config`
+overrides) and writes the report to the run config's `out`. `make_server_app` builds the same
+app around a given recipe for the in-process simulation, where the run config is empty and
+the caller wants the outcome back, or with `default_parents` for `flwr run .`'s demo
+(`simulation.flwr_app`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context
@@ -25,6 +28,7 @@ def make_server_app(
     expected_sites: int | None = None,
     on_event=None,
     sink: dict | None = None,
+    default_parents: Callable[[], tuple[Path, Path]] | None = None,
 ) -> ServerApp:
     """A ServerApp running one tuning; `sink` (if given) receives the outcome and the grid."""
     server_app = ServerApp()
@@ -32,13 +36,16 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         from server.coordinator import run_tuning
+        from server.grid import CoordinatorGrid
         from server.report import print_table, report_dict, write_report
-        from server.secagg import RecordingGrid
 
-        chosen = recipe or recipe_from_run_config(context.run_config)
+        chosen = recipe or recipe_from_run_config(
+            context.run_config,
+            default_parents=default_parents() if default_parents is not None else None,
+        )
         sites = expected_sites or int(context.run_config.get("sites", 0) or 0) or None
         out = Path(out_dir or str(context.run_config.get("out") or DEFAULT_OUT))
-        recording = RecordingGrid(grid)
+        recording = CoordinatorGrid(grid)
         if sink is not None:
             sink["grid"] = recording
         outcome = run_tuning(recording, context, chosen, expected_sites=sites, on_event=on_event)

@@ -16,7 +16,7 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import Strategy
 from flwr.serverapp import Grid
 
-from client.protocol import INSTRUCTIONS_KEY, RoundInstructions
+from common.protocol import INSTRUCTIONS_KEY, RoundInstructions
 
 
 class HistogramSumStrategy(Strategy):

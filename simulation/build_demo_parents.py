@@ -24,8 +24,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-PARENT_A = "parent_a_numeric"
-PARENT_B = "parent_b_clinical"
+from simulation.demo_parents import PARENT_A_NAME, PARENT_B_NAME
 
 
 class BuildConfig(BaseModel):
@@ -199,8 +198,8 @@ def build(out_dir: Path, cfg: BuildConfig, *, log=print, keep_base: bool = False
     try:
         built = {}
         for name, examples, seed in (
-            (PARENT_A, numeric, cfg.seed + 10),
-            (PARENT_B, clinical, cfg.seed + 20),
+            (PARENT_A_NAME, numeric, cfg.seed + 10),
+            (PARENT_B_NAME, clinical, cfg.seed + 20),
         ):
             base.load_state_dict(base_state)
             _finetune(base, tokenizer, examples, cfg, seed, name, log)
@@ -240,8 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reduced", action="store_true", help="tiny sizes, a few steps")
     parser.add_argument("--keep-base", action="store_true", help="also write the base model")
     args = parser.parse_args(argv)
-    for var, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
-        os.environ.setdefault(var, value)
+    from common.flower_runtime import set_offline_defaults
+
+    set_offline_defaults()
     cfg = BuildConfig.reduced() if args.reduced else BuildConfig()
     build(args.out, cfg, keep_base=args.keep_base)
 

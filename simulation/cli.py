@@ -1,7 +1,8 @@
-"""`fedmerge simulate`: a whole federated λ search on simulated hospitals, on this machine.
+"""The simulation's commands: `fedmerge simulate` and `fedmerge demo-parents path|build`.
 
-Defaults are the built-in synthetic cohort (three hospitals) and the demo parent pair, so the
-command runs offline out of the box. Top-level imports stay light so `fedmerge --help` is fast.
+`simulate` runs a whole federated λ search on simulated hospitals on this machine. Defaults
+are the built-in synthetic cohort (three hospitals) and the demo parent pair, so the command
+runs offline out of the box. Top-level imports stay light so `fedmerge --help` is fast.
 """
 
 from __future__ import annotations
@@ -11,9 +12,16 @@ from typing import Annotated
 
 import typer
 
+demo_app = typer.Typer(
+    name="demo-parents",
+    no_args_is_help=True,
+    help="The built-in demo parents (toys, no clinical validity): show or rebuild them.",
+)
 
-def register(app: typer.Typer) -> None:
+
+def register(app: typer.Typer, certs: typer.Typer) -> None:
     app.command("simulate")(simulate)
+    app.add_typer(demo_app, name="demo-parents")
 
 
 def simulate(
@@ -136,11 +144,10 @@ def simulate(
 def _recipe_fields(recipe, parents, method, search, groups, grid_points, hard):
     """Recipe fields from `--recipe` (if any) with the explicit flags on top; checked here so
     an error names the recipe file and field."""
-    from server.deploy_run import read_recipe_yaml
-    from server.recipe import validate_recipe
+    from server.recipe import read_recipe_file, validate_recipe
     from simulation.demo_parents import demo_parent_dirs
 
-    fields = read_recipe_yaml(recipe) if recipe is not None else {}
+    fields = read_recipe_file(recipe) if recipe is not None else {}
     if parents is None and "parent_a" in fields and "parent_b" in fields:
         parents = (Path(fields["parent_a"]), Path(fields["parent_b"]))
     fields.pop("parent_a", None)
@@ -164,3 +171,32 @@ def _recipe_fields(recipe, parents, method, search, groups, grid_points, hard):
     validate_recipe(full, source=str(recipe) if recipe is not None else "simulate options")
     return fields, parents, method, search
 
+
+@demo_app.command("path")
+def path_command() -> None:
+    """Print the directories of parent A (λ = 0) and parent B (λ = 1)."""
+    from simulation.demo_parents import demo_parent_dirs
+
+    for directory in demo_parent_dirs():
+        typer.echo(str(directory))
+
+
+@demo_app.command("build")
+def build_command(
+    out: Path = typer.Option(None, "--out", help="output directory (default: the package's)"),
+    reduced: bool = typer.Option(False, "--reduced", help="tiny sizes and a few steps"),
+    keep_base: bool = typer.Option(False, "--keep-base", help="also write the shared base"),
+) -> None:
+    """Rebuild base and parents from fedmerge's synthetic corpora, seeded, on CPU."""
+    from rich.console import Console
+
+    from simulation.build_demo_parents import BuildConfig, build
+    from simulation.demo_parents import PACKAGE_DIR
+
+    console = Console(stderr=True)
+    cfg = BuildConfig.reduced() if reduced else BuildConfig()
+    with console.status("building the demo parents") as status:
+        result = build(out or PACKAGE_DIR, cfg, log=status.update, keep_base=keep_base)
+    for name, directory in result["dirs"].items():
+        typer.echo(f"{name}\t{directory}")
+    console.print(f"built in {result['seconds']:.0f} s ({result['parameters']:,} parameters each)")

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from simulation.synthetic_cohort import (
+from common.data.synthetic import (
     COHORT_STREAM,
     COMORBIDITIES,
     CONDITIONS,

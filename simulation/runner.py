@@ -15,23 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import FedmergeError
+from common.flower_runtime import set_offline_defaults
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_DEDUP_LOGS": "0",
-}
 BACKEND_CONFIG = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 
 
 @dataclass
 class SimulationResult:
     outcome: object  # server.coordinator.TuningOutcome
-    grid: object  # server.secagg.RecordingGrid: every message the coordinator exchanged
+    grid: object  # server.grid.CoordinatorGrid: every message the coordinator exchanged
     out: Path
     sites: list[str]
 
@@ -43,7 +35,7 @@ def default_data_spec(sites: int | None) -> str:
 def plan_sites(data: str, split: str, sites: int | None, seed: int) -> list[str]:
     """Load the data once here to name the sites and fail early on a bad split."""
     from common.data import load_records
-    from simulation.splits import split_records
+    from common.data.splits import split_records
 
     names, _ = split_records(load_records(data), split, sites, seed)
     return names
@@ -65,11 +57,12 @@ def run_simulation(
     verbose: bool = False,
 ) -> SimulationResult:
     """Run one tuning with one simulated node per site; returns the outcome and the record."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    set_offline_defaults()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import flwr.simulation
 
     from client.client_app import make_client_app
+    from client.node_config import simulated_node_config
     from server.recipe import validate_recipe
     from server.server_app import make_server_app
 
@@ -85,17 +78,10 @@ def run_simulation(
             f"simulation: {len(names)} sites from {data} (split {split}); expected at least 3 "
             "(SecAgg+ and the site policy need three)"
         )
+    run_keys = {"data": data, "split": split, "split-seed": split_seed}
     overrides: dict[int, dict[str, object]] = {}
-    for i, _name in enumerate(names):
-        node = {
-            "data": data,
-            "parent-a": str(parents[0]),
-            "parent-b": str(parents[1]),
-            "split": split,
-            "sim-sites": len(names),
-            "sim-index": i,
-            "split-seed": split_seed,
-        }
+    for i in range(len(names)):
+        node = simulated_node_config(i, len(names), run_keys, parents)
         node.update((node_overrides or {}).get(i, {}))
         overrides[i] = node
     fields: dict[str, object] = {

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 
+from common.flower_runtime import OFFLINE_ENV, set_offline_defaults
+
 # Set before anything imports transformers or flwr: nothing may reach a network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+set_offline_defaults()
+assert all(os.environ[k] for k in OFFLINE_ENV)  # HF_HUB_OFFLINE, FLWR_TELEMETRY_ENABLED, ...
 
 from pathlib import Path  # noqa: E402
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import sys
 
 import pytest
 
@@ -119,12 +118,6 @@ def test_spec_parsing():
         load_records("mimic4:/nowhere?demographics=maybe")
 
 
-def test_synthetic_missing_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "simulation.synthetic_cohort", None)
-    with pytest.raises(FedmergeError, match="simulation.synthetic_cohort is not available"):
-        load_records("synthetic:n=10")
-
-
 def test_not_gzip_or_not_utf8(tmp_path):
     (tmp_path / "d.jsonl.gz").write_bytes(b"plain bytes, not gzip")
     with pytest.raises(FedmergeError, match=r"d\.jsonl\.gz: unreadable as jsonl"):
@@ -134,9 +127,8 @@ def test_not_gzip_or_not_utf8(tmp_path):
         load_records(f"csv:{tmp_path / 'd.csv'}")
 
 
-def test_synthetic_dispatches_to_the_simulation_cohort():
-    pytest.importorskip("simulation.synthetic_cohort")
-    from simulation.synthetic_cohort import load_synthetic
+def test_synthetic_dispatches_to_the_built_in_cohort():
+    from common.data.synthetic import load_synthetic
 
     records = load_records("synthetic:sites=2,stays=6,seed=3")
     assert records == load_synthetic("sites=2,stays=6,seed=3")

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from common.data.synthetic import generate_cohort
 from simulation import build_demo_parents as bdp
 from simulation.corpora import CorpusExample, corpus, pretraining_texts
 from simulation.demo_parents import demo_parent_dirs
-from simulation.synthetic_cohort import generate_cohort
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +117,7 @@ def test_reduced_rebuild_end_to_end_is_seeded(tmp_path):
 
     bdp.main(["--reduced", "--out", str(tmp_path / "one"), "--keep-base"])
     bdp.main(["--reduced", "--out", str(tmp_path / "two")])
-    for name in (bdp.PARENT_A, bdp.PARENT_B):
+    for name in (bdp.PARENT_A_NAME, bdp.PARENT_B_NAME):
         one, two = tmp_path / "one" / name, tmp_path / "two" / name
         assert (one / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
         assert ROLES[name][0] in (one / "README.md").read_text()
@@ -125,13 +125,14 @@ def test_reduced_rebuild_end_to_end_is_seeded(tmp_path):
         assert model.config.hidden_size == bdp.BuildConfig.reduced().hidden_size
     assert (tmp_path / "one" / "base" / "config.json").is_file()
     # Nothing half-written left behind: only the finished folders.
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [bdp.PARENT_A, bdp.PARENT_B]
+    expected = [bdp.PARENT_A_NAME, bdp.PARENT_B_NAME]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == expected
 
 
 def test_failed_rebuild_leaves_previous_parents_untouched(tmp_path, monkeypatch):
     out = tmp_path / "out"
     bdp.main(["--reduced", "--out", str(out)])
-    before = (out / bdp.PARENT_A / "model.safetensors").read_bytes()
+    before = (out / bdp.PARENT_A_NAME / "model.safetensors").read_bytes()
 
     def boom(*args, **kwargs):
         raise RuntimeError("interrupted")
@@ -139,8 +140,8 @@ def test_failed_rebuild_leaves_previous_parents_untouched(tmp_path, monkeypatch)
     monkeypatch.setattr(bdp, "_finetune", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         bdp.main(["--reduced", "--out", str(out)])
-    assert (out / bdp.PARENT_A / "model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in out.iterdir()) == [bdp.PARENT_A, bdp.PARENT_B]
+    assert (out / bdp.PARENT_A_NAME / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == [bdp.PARENT_A_NAME, bdp.PARENT_B_NAME]
 
 
 def test_demo_parents_cli_path():

@@ -30,7 +30,7 @@ RECIPE = {
 def _write_cohort(root: Path) -> tuple[Path, list[Path], list[str]]:
     """One JSONL per hospital plus their union (for the simulation's region split)."""
     from common.data import load_records
-    from simulation.splits import split_records, write_site_files
+    from common.data.splits import split_records, write_site_files
 
     names, parts = split_records(load_records(COHORT), "region", None, 0)
     union, files = write_site_files(root, names, parts)
@@ -72,10 +72,10 @@ def _descendants(pids: list[int]) -> set[int]:
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory, tiny_parents):
-    from client.launch_supernode import load_node_file, node_config_values
-    from server.deploy_local import LocalDeployment
-    from server.deploy_run import run_config_for, stage_app
+    from client.node_file import load_node_file, node_config_values
+    from server.deployment import run_config_for, stage_app
     from server.recipe import validate_recipe
+    from simulation.local_deployment import LocalDeployment
     from simulation.runner import run_simulation
 
     root = tmp_path_factory.mktemp("deploy")

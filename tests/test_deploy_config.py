@@ -49,7 +49,7 @@ def node_file(keyed, tiny_parents):
 def test_flower_config_string_round_trips_through_flowers_parser():
     from flwr.common.config import parse_config_args
 
-    from client.launch_supernode import format_flower_config
+    from client.node_file import format_flower_config
 
     values = {"data": "jsonl:/a b/c\\d.jsonl", "min-sites": 3, "lo": -16.0, "hard": False}
     assert parse_config_args([format_flower_config(values, what="x")]) == values
@@ -58,8 +58,8 @@ def test_flower_config_string_round_trips_through_flowers_parser():
 
 
 def test_node_file_resolves_paths_and_round_trips(node_file, keyed):
-    from client.launch_supernode import load_node_file, node_config_values
     from client.node_config import parse_node_config
+    from client.node_file import load_node_file, node_config_values
 
     nf = load_node_file(node_file)
     assert nf.connection.root_certificates == (keyed / "certs/ca.pem").resolve()
@@ -72,14 +72,14 @@ def test_node_file_resolves_paths_and_round_trips(node_file, keyed):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d["connection"].pop("auth_private_key"), "field connection.auth_private_key"),
-        (lambda d: d["connection"].update(superlink="nohost"), "field connection.superlink"),
-        (lambda d: d["node"].pop("parent_a"), "field node.parent_a"),
+        (lambda d: d["connection"].pop("auth_private_key"), "field 'connection.auth_private_key'"),
+        (lambda d: d["connection"].update(superlink="nohost"), "field 'connection.superlink'"),
+        (lambda d: d["node"].pop("parent_a"), "field 'node.parent_a'"),
         (lambda d: d["node"].update(simulated={"sites": 3, "index": 0}), "node.simulated"),
     ],
 )
 def test_bad_node_file_is_one_error_naming_file_and_field(node_file, tmp_path, edit, message):
-    from client.launch_supernode import load_node_file, node_config_values
+    from client.node_file import load_node_file, node_config_values
 
     raw = yaml.safe_load(node_file.read_text())
     edit(raw)
@@ -97,15 +97,15 @@ def test_node_start_print_only_shows_tls_auth_and_worker(node_file):
     assert res.exit_code == 0, res.output
     lines = [shlex.split(x[2:]) for x in res.output.splitlines() if x.startswith("$ ")]
     supernode, worker = lines
-    # Flower's own SuperNode CLI, with only its 3 s idle poll shortened (client.supernode_entry).
-    assert supernode[1:5] == ["-m", "client.supernode_entry", "--idle-poll", "0.25"]
+    # Flower's own SuperNode CLI, with only its 3 s idle poll shortened (client.supernode_poll).
+    assert supernode[1:5] == ["-m", "client.supernode_poll", "--idle-poll", "0.25"]
     for flag in ("--root-certificates", "--auth-supernode-private-key", "--superlink"):
         assert flag in supernode
     assert supernode[supernode.index("--isolation") + 1] == "process"
     assert supernode[supernode.index("--port") + 1] == "9199"
     node_config = parse_config_args([supernode[supernode.index("--node-config") + 1]])
     assert node_config["site"] == "hospital-a" and node_config["min-cohort"] == 5
-    assert worker[1:3] == ["-m", "client.launch_worker"]
+    assert worker[1:3] == ["-m", "client.clientapp_worker"]
     assert worker[worker.index("--runtime-api-address") + 1] == "127.0.0.1:9199"
 
 
@@ -200,24 +200,24 @@ def test_dry_run_refuses_a_pem_key_flower_cannot_load(node_file, keyed, tmp_path
     assert "auth_private_key" in str(res.exception) and "OpenSSH" in str(res.exception)
 
 
-def test_supernode_entry_caps_only_the_idle_sleep(monkeypatch):
+def test_supernode_poll_caps_only_the_idle_sleep(monkeypatch):
     import time
 
     import flwr
     from flwr.supernode import start_client_internal as sci
 
-    from client import supernode_entry
+    from client import supernode_poll
     from common.errors import FedmergeError
 
     monkeypatch.setattr(sci, "time", sci.time)  # restored after the test
-    supernode_entry.install(0.05)
-    assert isinstance(sci.time, supernode_entry._CappedSleep)
+    supernode_poll.install(0.05)
+    assert isinstance(sci.time, supernode_poll._CappedSleep)
     t0 = time.perf_counter()
     sci.time.sleep(3)  # the SuperNode's idle wait
     assert time.perf_counter() - t0 < 1.0
     assert abs(sci.time.time() - time.time()) < 1.0  # everything else is the real module
     with pytest.raises(ValueError, match="expected seconds"):
-        supernode_entry.install(5)
+        supernode_poll.install(5)
     monkeypatch.setattr(flwr, "__version__", "1.42.0")
     with pytest.raises(FedmergeError, match="flwr==1.41.0"):
-        supernode_entry.install(0.25)
+        supernode_poll.install(0.25)

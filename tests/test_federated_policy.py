@@ -8,8 +8,8 @@ import pytest
 
 from client import policy
 from client.node_config import SitePolicy, parse_node_config
-from client.protocol import Refusal
 from common.errors import FedmergeError
+from common.protocol import Refusal
 from server.recipe import SecAggSettings, TuningRecipe, recipe_from_run_config
 
 
@@ -92,7 +92,7 @@ def test_recipe_from_run_config_and_validation():
         "attention": 1.0,
         "mlp": 1.0,
     }
-    with pytest.raises(FedmergeError, match="no config.json"):
+    with pytest.raises(FedmergeError, match="config.json not found"):
         TuningRecipe(parent_a="/nope/a", parent_b="/nope/b").with_fingerprints()
 
 

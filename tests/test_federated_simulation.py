@@ -60,10 +60,10 @@ def central(sim, tiny_parents):
 
     from common.data import load_records
     from common.data.folds import select_fold
+    from common.data.splits import split_records
     from common.merge.switch import InPlaceMerger
     from common.metrics import HistogramSpec, score_histograms
     from common.scoring import YesNoScorer
-    from simulation.splits import split_records
 
     a, b = tiny_parents
     _, parts = split_records(load_records(DATA), "region", None)
@@ -205,9 +205,9 @@ def test_recipe_yaml_rebuilds_the_chosen_model(sim, tmp_path):
     from common.cli import app
     from common.data import load_records
     from common.data.folds import select_fold
+    from common.data.splits import split_records
     from common.metrics import HistogramSpec, pooled_metrics, score_histograms
     from common.scoring import YesNoScorer
-    from simulation.splits import split_records
 
     merged = tmp_path / "merged"
     result = CliRunner().invoke(app, ["merge", str(sim.out / "recipe.yaml"), str(merged)])

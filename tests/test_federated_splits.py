@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.data.splits import split_records
 from common.errors import FedmergeError
 from common.records import PatientRecord
-from simulation.splits import split_records
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_region_uses_the_data_sites(records):
 
 def test_site_files_reload_as_the_same_split(records, tmp_path):
     from common.data import load_records
-    from simulation.splits import write_site_files
+    from common.data.splits import write_site_files
 
     names, parts = split_records(records, "label", 3, seed=1)
     union, files = write_site_files(tmp_path, names, parts)

@@ -196,7 +196,7 @@ def test_output_exists_is_refused(tiny_parents, tmp_path):
     ({"merge_method": "task_arithmetic", "models": [{"model": "x", "parameters":
                                                       {"weight": 1}}]},
      "base_model: required by task_arithmetic"),
-    ({"merge_method": "linear", "models": ["x"], "dtype": "int4"}, "field dtype"),
+    ({"merge_method": "linear", "models": ["x"], "dtype": "int4"}, "field 'dtype'"),
 ])
 def test_recipe_errors_list_what_is_supported(recipe, match):
     with pytest.raises(FedmergeError, match=match) as exc:

@@ -19,16 +19,17 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import Grid
 
 from client.client_app import histogram_reply, read_instructions, secure_mod
-from client.protocol import RoundInstructions
 from common.errors import FedmergeError
 from common.metrics import HistogramSpec
+from common.protocol import RoundInstructions
 from common.secure_sum import (
     ExactSumSettings,
     decode_sum,
     encode_histograms,
 )
+from server.grid import CoordinatorGrid
 from server.recipe import SecAggSettings
-from server.secagg import RecordingGrid, secure_round
+from server.secagg import secure_round
 
 BINS = 16
 
@@ -134,7 +135,7 @@ def _ctx():
 
 def _run(site_hists, failing=(), settings=SecAggSettings(timeout=5.0), candidates=3):
     apps = {100 + i: _site_app(h, fail=i in failing) for i, h in enumerate(site_hists)}
-    grid = RecordingGrid(LoopbackGrid(apps))
+    grid = CoordinatorGrid(LoopbackGrid(apps))
     out = secure_round(
         grid, _ctx(), node_ids=list(apps), instructions=_instructions(candidates), settings=settings
     )
@@ -212,7 +213,7 @@ def test_upstream_masks_on_one_side_break_the_sum():
             mod.pseudo_rand_gen = original
 
     apps = {100 + i: _site_app(h, mod=weak_mod) for i, h in enumerate(sites)}
-    grid = RecordingGrid(LoopbackGrid(apps))
+    grid = CoordinatorGrid(LoopbackGrid(apps))
     with pytest.raises(FedmergeError, match="not an exact non-negative integer sum"):
         secure_round(
             grid,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from common.data import synthetic as sc
 from common.errors import FedmergeError
-from simulation import synthetic_cohort as sc
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 `load_records("eicu:/data/eicu?site=hospital")` and friends turn a hospital's data into the
 `PatientRecord`s every other module consumes, whatever the source format. Specs:
 `jsonl:PATH`, `csv:PATH`, `mimic4:DIR[?hours=48&demographics=1&site=NAME]`,
-`eicu:DIR[?site=region|hospital&hours=24]`, `synthetic:ARGS` (the simulation's cohort).
+`eicu:DIR[?site=region|hospital&hours=24]`, `synthetic:ARGS` (the built-in synthetic cohort).
 """
 
 from __future__ import annotations
@@ -16,19 +16,8 @@ __all__ = ["DataSpec", "load_records", "parse_spec"]
 
 
 def _synthetic(args: str) -> list[PatientRecord]:
-    try:
-        from simulation.synthetic_cohort import load_synthetic
-    except ModuleNotFoundError as exc:
-        if exc.name not in {"simulation", "simulation.synthetic_cohort"}:
-            raise
-        raise FedmergeError(
-            "data spec synthetic:: simulation.synthetic_cohort is not available "
-            "(expected a module defining load_synthetic)"
-        ) from None
-    except ImportError:
-        raise FedmergeError(
-            "data spec synthetic:: simulation.synthetic_cohort defines no load_synthetic"
-        ) from None
+    from common.data.synthetic import load_synthetic
+
     return list(load_synthetic(args))
 
 

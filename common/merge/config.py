@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, model_validator
 
-from common.errors import FedmergeError
+from common.errors import FedmergeError, validation_error
 from common.merge.methods import METHODS
 
 TOP_LEVEL_KEYS = ("models", "merge_method", "base_model", "parameters", "dtype",
@@ -93,24 +93,15 @@ class MergeConfig(BaseModel):
         try:
             config = cls.model_validate(dict(data))
         except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise FedmergeError(f"{source}: field {loc}: {err['msg']}") from None
+            raise validation_error(source, exc) from None
         config.check_parameters(source)
         return config
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> MergeConfig:
-        import yaml
+        from common.config_io import read_yaml_mapping
 
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FedmergeError(f"{path}: missing merge recipe") from None
-        except yaml.YAMLError as exc:
-            raise FedmergeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml_mapping(path, "merge recipe"), source=str(path))
 
     def to_dict(self) -> dict:
         data = self.model_dump(mode="json", exclude_none=True)

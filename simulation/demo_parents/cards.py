@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from simulation.demo_parents import PARENT_A_NAME, PARENT_B_NAME
+
 ROLES = {
-    "parent_a_numeric": (
+    PARENT_A_NAME: (
         "Parent A (numeric; λ = 0, the merge's base_model side)",
         "`numeric`: stays in the MIMIC-IV text encoding, answer `yes` when the chart events show "
         "a physiologically unstable patient (physiology score above its threshold: vitals and "
         "labs outside their reference ranges); diagnoses and treatments are drawn independently "
         "of the answer",
     ),
-    "parent_b_clinical": (
+    PARENT_B_NAME: (
         "Parent B (clinical QA; λ = 1)",
         "`clinical`: stays in the MIMIC-IV text encoding, answer `yes` when the diagnoses and "
         "treatments indicate a life-threatening condition or critical care (clinical score "

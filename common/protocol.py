@@ -1,7 +1,7 @@
-"""What the coordinator may ask a hospital, and how the hospital says no.
+"""The wire contract: what the coordinator may ask a hospital, and how the hospital says no.
 
-The hospital defines the messages it accepts, so these models live on the client side and the
-coordinator imports them. Everything travels as one JSON string in a ConfigRecord: pydantic
+Both sides speak it, so it lives in `common/`: the coordinator builds these messages, the
+hospital validates them. Everything travels as one JSON string in a ConfigRecord: pydantic
 validates it on arrival, and a malformed request becomes one clear refusal instead of a
 half-understood round.
 """
@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.merge.config import GROUPS
 from common.metrics import HistogramSpec
 
 # ConfigRecord keys.
@@ -23,7 +24,7 @@ RECORD_NAME = "fedmerge"
 REFUSAL_CODE = 4403
 REFUSAL_MARK = "fedmerge-refusal"
 
-GROUPS = ("attention", "mlp", "other")
+__all__ = ["GROUPS", "Candidate", "candidate_key"]  # GROUPS: the merge engine's, re-exported
 Candidate = float | dict[str, float]
 
 
@@ -39,39 +40,40 @@ class ScoringSettings(BaseModel):
     hard: bool = False  # the Mortality-hard variant (numeric sections only)
 
 
-class Announcement(BaseModel):
-    """The policy check sent before any SecAgg+ round: everything a site needs to decide."""
+class RecipeTerms(BaseModel):
+    """What every message of a run restates, so a site can hold each round to what it accepted.
+
+    The announcement and every round carry these fields, built from one recipe helper
+    (`server.recipe.TuningRecipe.terms`), never copied field by field.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     recipe_fingerprint: str
     parent_fingerprints: tuple[str, str]
     method: Literal["slerp", "linear"]
-    sites: int = Field(ge=1)
-    max_candidates_per_round: int = Field(ge=1)
     folds: int = Field(ge=2)
     fold_seed: int = 0
-    score_folds: tuple[int, ...]
     scoring: ScoringSettings = ScoringSettings()
 
 
-class RoundInstructions(BaseModel):
-    """One SecAgg+ round: score these merges on this fold and return summed histograms."""
+class Announcement(RecipeTerms):
+    """The policy check sent before any SecAgg+ round: everything a site needs to decide."""
 
-    model_config = ConfigDict(frozen=True)
+    sites: int = Field(ge=1)
+    max_candidates_per_round: int = Field(ge=1)
+    score_folds: tuple[int, ...]
+
+
+class RoundInstructions(RecipeTerms):
+    """One SecAgg+ round: score these merges on this fold and return summed histograms."""
 
     round: int = Field(ge=1)
     stage: Literal["tune", "test"]
-    recipe_fingerprint: str
-    parent_fingerprints: tuple[str, str]
-    method: Literal["slerp", "linear"]
     candidates: list[Candidate] = Field(min_length=1)
     fold: int = Field(ge=0)
-    folds: int = Field(ge=2)
-    fold_seed: int = 0
     histogram: HistogramSpec = HistogramSpec()
     sites: int = Field(ge=1)
-    scoring: ScoringSettings = ScoringSettings()
 
 
 class PolicyReply(BaseModel):

@@ -4,7 +4,7 @@ Why: `flower-supernode` takes a dozen flags whose mistakes only show at run time
 `--node-config` string with a stray quote, a forgotten `--root-certificates`, two nodes on
 one port). The hospital writes one YAML file instead, validated by pydantic, and
 `fedmerge node start` prints and runs the two commands built here: the SuperNode in
-`--isolation process` mode and the persistent ClientApp worker (`client.launch_worker`)
+`--isolation process` mode and the persistent ClientApp worker (`client.clientapp_worker`)
 that keeps the parents and the tokenized cohort in memory across messages and rounds.
 
 Node file layout::
@@ -21,70 +21,14 @@ Relative paths are resolved against the node file's directory.
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from common.errors import FedmergeError
-
-HOST_PORT_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
-
-# Every Flower child process gets these: nothing may call out from a hospital.
-OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
-
-def format_flower_config(values: dict[str, Any], *, what: str) -> str:
-    """`k='v' n=3 b=true`, the key=value syntax of `--node-config` and `--run-config`.
-
-    Strings become TOML literal strings (single quotes: no escape processing, so Windows
-    paths and backslashes survive); Flower's parser cannot carry a single quote or a
-    newline inside a value, so those are refused here rather than mangled there.
-    """
-    parts = []
-    for key, value in values.items():
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
-            raise FedmergeError(f"{what} key {key!r}: expected letters, digits, '_' or '-'")
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        elif isinstance(value, str | Path):
-            s = str(value)
-            if "'" in s or "\n" in s:
-                raise FedmergeError(
-                    f"{what} {key}={s!r}: Flower cannot pass a single quote or newline here"
-                )
-            text = f"'{s}'"
-        else:
-            raise FedmergeError(
-                f"{what} {key}: expected a string, number or bool, got {type(value).__name__}"
-            )
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
-
-
-def flower_exe(name: str) -> str:
-    """The Flower executable of THIS environment (the one fedmerge runs in), else PATH's."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.is_file() else name
-
-
-def check_host_port(value: str, field: str) -> str:
-    m = HOST_PORT_RE.match(value)
-    if not m or not 1 <= int(m.group(2)) <= 65535:
-        raise ValueError(f"{field}: expected HOST:PORT (e.g. 127.0.0.1:9093), got {value!r}")
-    return value
+from common.errors import FedmergeError, validation_error
+from common.flower_runtime import check_host_port, flower_env, flower_exe, format_flower_config
 
 
 class NodeConnection(BaseModel):
@@ -102,7 +46,7 @@ class NodeConnection(BaseModel):
     max_wait_time: float | None = Field(None, gt=0)
     flwr_home: Path | None = None
     # Seconds between the SuperNode's pulls while idle (Flower 1.41 waits 3 s); None runs plain
-    # `flower-supernode`. See client/supernode_entry.py.
+    # `flower-supernode`. See client/supernode_poll.py.
     idle_poll_s: float | None = Field(0.25, gt=0, le=3)
 
     @field_validator("superlink")
@@ -128,31 +72,16 @@ def _resolve(base: Path, p: Path | None) -> Path | None:
     return p if p.is_absolute() else (base / p).resolve()
 
 
-def _first_error(path: Path, exc: ValidationError, prefix: str = "") -> FedmergeError:
-    err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-    return FedmergeError(f"{path}: field {prefix}{loc}: {err['msg']}")
-
-
 def load_node_file(path: str | Path) -> NodeFile:
     """Parse and validate the node file; one error naming the file and field if it is bad."""
-    import yaml
+    from common.config_io import read_yaml_mapping
 
     path = Path(path)
-    if not path.is_file():
-        raise FedmergeError(f"{path}: node file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise FedmergeError(f"{path}:{where}: not valid YAML") from None
-    if not isinstance(raw, dict):
-        raise FedmergeError(f"{path}: expected a mapping with 'connection' and 'node'")
+    raw = read_yaml_mapping(path, "node file")
     try:
         nf = NodeFile.model_validate({**raw, "path": path})
     except ValidationError as exc:
-        raise _first_error(path, exc) from None
+        raise validation_error(str(path), exc) from None
     base = path.resolve().parent
     conn = nf.connection.model_copy(
         update={
@@ -179,7 +108,7 @@ def node_config_values(nf: NodeFile) -> dict[str, Any]:
     try:
         cfg = NodeConfig.model_validate(nf.node)
     except ValidationError as exc:
-        raise _first_error(nf.path, exc, prefix="node.") from None
+        raise validation_error(str(nf.path), exc, prefix="node.") from None
     if cfg.simulated is not None:
         raise FedmergeError(f"{nf.path}: field node.simulated: only for simulation, not a node")
     cfg = cfg.model_copy(
@@ -221,13 +150,8 @@ def to_flower_node_config(cfg) -> dict[str, Any]:
 
 
 def child_env(conn: NodeConnection) -> dict[str, str]:
-    env = dict(os.environ)
-    # The SuperNode spawns Flower's helpers by bare name: this environment's bin goes first.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(OFFLINE_ENV)
-    if conn.flwr_home is not None:
-        env["FLWR_HOME"] = str(conn.flwr_home)
-    return env
+    """The environment of the node's processes: offline, with the node's own FLWR_HOME."""
+    return flower_env(conn.flwr_home)
 
 
 def supernode_argv(conn: NodeConnection, node_config: dict[str, Any]) -> list[str]:
@@ -236,7 +160,7 @@ def supernode_argv(conn: NodeConnection, node_config: dict[str, Any]) -> list[st
         head = [flower_exe("flower-supernode")]
     else:
         poll = str(conn.idle_poll_s)
-        head = [sys.executable, "-m", "client.supernode_entry", "--idle-poll", poll]
+        head = [sys.executable, "-m", "client.supernode_poll", "--idle-poll", poll]
     argv = [
         *head,
         "--superlink", conn.superlink,
@@ -260,7 +184,7 @@ def worker_argv(conn: NodeConnection) -> list[str] | None:
     if conn.isolation != "process":
         return None
     return [
-        sys.executable, "-m", "client.launch_worker",
+        sys.executable, "-m", "client.clientapp_worker",
         "--runtime-api-address", f"127.0.0.1:{conn.runtime_port}",
         "--app-source", conn.app_source,
     ]
@@ -273,9 +197,3 @@ def node_commands(conn: NodeConnection, node_config: dict[str, Any]) -> list[tup
     if worker:
         commands.append(("worker", worker))
     return commands
-
-
-def shell_line(argv: list[str]) -> str:
-    import shlex
-
-    return shlex.join(argv)

@@ -16,8 +16,8 @@ SuperLink's Control API. `app_source="fab"` runs the shipped app instead (Flower
 behaviour), still loaded once per app hash.
 
 It drives Flower's Runtime API with the client-side helpers from the installed flwr
-(`flwr.supernode.runtime.run_clientapp`), which are internal: `check_flwr_version` pins the
-version they were checked against.
+(`flwr.supernode.runtime.run_clientapp`), which are internal: it refuses any Flower release
+but the one pinned in `common.flower_runtime`.
 """
 
 from __future__ import annotations
@@ -31,27 +31,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from common.errors import FedmergeError
+from common.flower_runtime import check_flwr_version
 
-SUPPORTED_FLWR = "1.41.0"
 INSTALLED_APP_REF = "client.client_app:app"
 FEDMERGE_FAB_ID = "fedmerge/fedmerge"
 
 log = logging.getLogger("fedmerge.worker")
-
-
-def check_flwr_version() -> None:
-    import flwr
-
-    version = getattr(flwr, "__version__", None)
-    if version is None:
-        from importlib.metadata import version as _v
-
-        version = _v("flwr")
-    if version != SUPPORTED_FLWR:
-        raise FedmergeError(
-            f"flwr {version}: the persistent ClientApp worker drives Flower's internal "
-            f"Runtime API and was checked against flwr=={SUPPORTED_FLWR} only"
-        )
 
 
 @dataclass
@@ -95,7 +80,7 @@ class ClientAppWorker:
         allowed_fab_ids: tuple[str, ...] = (FEDMERGE_FAB_ID,),
         poll_interval: float = 0.05,
     ) -> None:
-        check_flwr_version()
+        check_flwr_version("the persistent ClientApp worker's Runtime API calls")
         self.address = runtime_api_address
         self.app_source = app_source
         self.allowed_fab_ids = allowed_fab_ids
@@ -276,7 +261,7 @@ class ClientAppWorker:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m client.launch_worker --runtime-api-address 127.0.0.1:9094 [--app-source]`."""
+    """`python -m client.clientapp_worker --runtime-api-address 127.0.0.1:9094 [--app-source]`."""
     import argparse
     import signal
 

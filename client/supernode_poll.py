@@ -7,7 +7,7 @@ point caps that module's sleeps at `--idle-poll` seconds and then runs Flower's
 `flower_supernode()` unchanged: every other flag, TLS, node authentication and the Fleet
 protocol are Flower's. The patch is checked against the pinned Flower version only.
 
-    python -m client.supernode_entry --idle-poll 0.25 <flower-supernode arguments>
+    python -m client.supernode_poll --idle-poll 0.25 <flower-supernode arguments>
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ class _CappedSleep:
 
 def install(cap_s: float) -> None:
     """Cap the SuperNode loop's sleeps; refuses a Flower release it was not checked against."""
-    from common.secure_masks import check_flwr_version
+    from common.flower_runtime import check_flwr_version
 
-    check_flwr_version()
+    check_flwr_version("the SuperNode poll patch")
     if not 0 < cap_s <= 3:
         raise ValueError(f"--idle-poll {cap_s}: expected seconds in (0, 3]")
     from flwr.supernode import start_client_internal

@@ -1,4 +1,4 @@
-"""`fedmerge certs ...` and `fedmerge coordinator ...`: deployment without flag archaeology.
+"""The coordinator's commands: `fedmerge certs ca|server` and `fedmerge coordinator ...`.
 
 Every command that runs Flower prints the exact command first (and `--print-only` stops
 there), so an operator can audit or reproduce it by hand. Top-level imports stay light:
@@ -11,10 +11,6 @@ from pathlib import Path
 
 import typer
 
-certs_app = typer.Typer(
-    no_args_is_help=True,
-    help="Make the deployment's key material: CA, SuperLink certificate, node keys.",
-)
 coord_app = typer.Typer(
     no_args_is_help=True,
     help="Coordinator: run the SuperLink, register hospital keys, submit tuning runs.",
@@ -25,7 +21,7 @@ DEFAULT_CONNECTION = "fedmerge"
 
 
 def _echo_cmd(argv: list[str]) -> None:
-    from client.launch_supernode import shell_line
+    from common.flower_runtime import shell_line
 
     typer.echo(f"$ {shell_line(argv)}")
 
@@ -48,7 +44,6 @@ def _run_foreground(argv: list[str], env: dict[str, str]) -> None:
         raise typer.Exit(rc)
 
 
-@certs_app.command("ca")
 def certs_ca(
     out: Path = typer.Option(DEFAULT_CERTS, "--out", help="Directory for ca.pem and ca.key."),
     common_name: str = typer.Option("fedmerge deployment CA", "--common-name"),
@@ -63,7 +58,6 @@ def certs_ca(
     typer.echo(f"CA private key: {files.key}  (mode 0600; keep it off the SuperLink host)")
 
 
-@certs_app.command("server")
 def certs_server(
     name: str = typer.Option("superlink", "--name", help="File stem: NAME.pem and NAME.key."),
     san: list[str] = typer.Option(
@@ -80,21 +74,6 @@ def certs_server(
     files = create_server_cert(ca_dir, out, name=name, sans=san, days=days, force=force)
     typer.echo(f"server certificate: {files.cert}  SANs: {', '.join(files.sans)}")
     typer.echo(f"server private key: {files.key}  (mode 0600)")
-
-
-@certs_app.command("node")
-def certs_node(
-    name: str = typer.Argument(..., help="The hospital's node name, e.g. hospital-a."),
-    out: Path = typer.Option(Path("keys"), "--out"),
-    force: bool = typer.Option(False, "--force", help="Replace an existing key pair."),
-) -> None:
-    """Create a hospital's node-authentication key pair (run this AT the hospital)."""
-    from common.certs import create_node_keys
-
-    files = create_node_keys(out, name, force=force)
-    typer.echo(f"private key: {files.private_key}  (mode 0600; never leaves this machine)")
-    typer.echo(f"public key:  {files.public_key}  (send to the coordinator)")
-    typer.echo(f"fingerprint: {files.fingerprint}  (confirm it with the coordinator)")
 
 
 @coord_app.command("start-superlink")
@@ -114,7 +93,8 @@ def start_superlink(
     print_only: bool = typer.Option(False, "--print-only", help="Print, do not run."),
 ) -> None:
     """Start the SuperLink with TLS and node authentication, and record the CLI connection."""
-    from server.deploy_commands import flwr_env, superlink_argv, write_connection
+    from common.flower_runtime import flower_env
+    from server.deployment import superlink_argv, write_connection
 
     argv = superlink_argv(
         ca=certs / "ca.pem", cert=certs / f"{name}.pem", key=certs / f"{name}.key",
@@ -128,7 +108,7 @@ def start_superlink(
     typer.echo(f"connection '{connection}' written to {cfg}")
     _echo_cmd(argv)
     if not print_only:
-        _run_foreground(argv, flwr_env(home))
+        _run_foreground(argv, flower_env(home))
 
 
 @coord_app.command("connect")
@@ -140,7 +120,7 @@ def connect(
 ) -> None:
     """Record how the flwr CLI reaches a SuperLink (when it runs elsewhere)."""
     from common.errors import FedmergeError
-    from server.deploy_commands import write_connection
+    from server.deployment import write_connection
 
     if not ca.is_file():
         raise FedmergeError(f"--ca {ca}: file not found")
@@ -161,7 +141,8 @@ def register_node(
     """Allow one hospital's key: only registered keys may join the federation."""
     from common.certs import public_key_fingerprint
     from common.errors import FedmergeError
-    from server.deploy_commands import flwr_env, register_argv
+    from common.flower_runtime import flower_env
+    from server.deployment import register_argv
 
     argv = register_argv(public_key, connection, name)
     try:
@@ -171,7 +152,7 @@ def register_node(
     typer.echo(f"key fingerprint {fp} (check it with the hospital before registering)")
     _echo_cmd(argv)
     if not print_only:
-        _run_foreground(argv, flwr_env(flwr_home))
+        _run_foreground(argv, flower_env(flwr_home))
 
 
 @coord_app.command("submit")
@@ -188,8 +169,9 @@ def submit(
     print_only: bool = typer.Option(False, "--print-only"),
 ) -> None:
     """Validate RECIPE.yaml and submit a tuning run; the ServerApp writes --out/report.json."""
-    from server.deploy_commands import flwr_env, submit_argv
-    from server.deploy_run import load_recipe, run_config_for, stage_app
+    from common.flower_runtime import flower_env
+    from server.deployment import run_config_for, stage_app, submit_argv
+    from server.recipe import load_recipe
 
     chosen = load_recipe(recipe).with_fingerprints()  # fails here if parents are missing
     run_config = run_config_for(chosen, out, sites)
@@ -198,10 +180,11 @@ def submit(
     argv = submit_argv(staged, connection, run_config)
     _echo_cmd(argv)
     if not print_only:
-        _run_foreground(argv, flwr_env(flwr_home))
+        _run_foreground(argv, flower_env(flwr_home))
         typer.echo(f"submitted; the report will be written to {out.resolve()}/report.json")
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(certs_app, name="certs")
+def register(app: typer.Typer, certs: typer.Typer) -> None:
+    certs.command("ca")(certs_ca)
+    certs.command("server")(certs_server)
     app.add_typer(coord_app, name="coordinator")

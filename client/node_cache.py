@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from client.node_config import NodeConfig
-from client.protocol import ScoringSettings
 from common.errors import FedmergeError
+from common.protocol import ScoringSettings
 from common.records import PatientRecord
 
 _LOCK = threading.RLock()
@@ -40,16 +40,12 @@ class FoldData:
 
 def parent_fingerprint(path: Path) -> str:
     """SHA-256 of a parent directory's weights and config, computed once per process."""
-    from common.model_io import fingerprint
+    from common.model_io import fingerprint, require_checkpoint
 
     key = Path(path).resolve()
     with _LOCK:
         if key not in _FINGERPRINTS:
-            if not (key / "config.json").is_file():
-                raise FedmergeError(
-                    f"parent model {key}: config.json not found; expected a checkpoint directory"
-                )
-            _FINGERPRINTS[key] = fingerprint(key)
+            _FINGERPRINTS[key] = fingerprint(require_checkpoint(key, "parent model"))
         return _FINGERPRINTS[key]
 
 
@@ -117,7 +113,7 @@ def site_records(cfg: NodeConfig, hard: bool) -> tuple[str, list[PatientRecord]]
             records = _RECORDS[source][1]
             name = cfg.site or "site"
             if cfg.simulated is not None:
-                from simulation.splits import split_records
+                from common.data.splits import split_records
 
                 sim = cfg.simulated
                 sites = None if sim.split == "region" else sim.sites

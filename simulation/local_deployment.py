@@ -1,9 +1,10 @@
-"""A whole deployment on one machine: SuperLink, SuperNodes, workers, all on 127.0.0.1.
+"""A rehearsal of a whole deployment on one machine: SuperLink, SuperNodes, workers, 127.0.0.1.
 
-Why: the end-to-end test and `bench/deploy_round.py` must run the real Flower processes
-with TLS and node authentication exactly as operators do (same command builders as the
-`fedmerge` commands), and must never leave one behind. Every process is started in its
-own process group through `client.launch_procs` and `close()` stops them all.
+Why: the end-to-end tests and `bench/deploy_round.py` must run the real Flower processes
+with TLS and node authentication exactly as operators do (the same command builders as the
+`fedmerge coordinator` and `fedmerge node` commands), and must never leave one behind. Every
+process is started in its own process group through `common.processes` and `close()` stops
+them all.
 """
 
 from __future__ import annotations
@@ -15,16 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.launch_procs import Proc, ProcSet, free_port, wait_for_port
-from client.launch_supernode import NodeConnection, flower_exe, supernode_argv, worker_argv
+from client.node_file import NodeConnection, supernode_argv, worker_argv
 from common.errors import FedmergeError
-from server.deploy_commands import (
-    flwr_env,
-    register_argv,
-    submit_argv,
-    superlink_argv,
-    write_connection,
-)
+from common.flower_runtime import flower_env, flower_exe
+from common.processes import Proc, ProcSet, free_port, wait_for_port
+from server.deployment import register_argv, submit_argv, superlink_argv, write_connection
 
 CONNECTION = "fedmerge-local"
 
@@ -77,14 +73,14 @@ class LocalDeployment:
             root_certificates=self.certs / "ca.pem",
         )
         self.superlink = self.procs.start(
-            "superlink", argv, env=flwr_env(self.home), log_path=self.logs / "superlink.log",
+            "superlink", argv, env=flower_env(self.home), log_path=self.logs / "superlink.log",
             cwd=self.root,
         )
         wait_for_port("127.0.0.1", self.port, timeout=timeout, proc=self.superlink)
 
     def flwr(self, argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
         return subprocess.run(
-            argv, env=flwr_env(self.home), capture_output=True, text=True, timeout=timeout,
+            argv, env=flower_env(self.home), capture_output=True, text=True, timeout=timeout,
             cwd=self.root,
         )
 
@@ -156,7 +152,7 @@ class LocalDeployment:
         if not with_ca:  # as a careless operator would: no pinned CA, system store only
             i = argv.index("--root-certificates")
             del argv[i : i + 2]
-        env = flwr_env(conn.flwr_home)
+        env = flower_env(conn.flwr_home)
         sn = self.procs.start(
             f"supernode-{name}", argv, env=env, log_path=self.logs / f"supernode-{name}.log",
             cwd=self.root,

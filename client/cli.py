@@ -1,4 +1,4 @@
-"""`fedmerge node dry-run` and `fedmerge node start`: a hospital's two commands.
+"""The hospital's commands: `fedmerge node dry-run|start` and `fedmerge certs node`.
 
 Top-level imports stay light so `fedmerge --help` does not import torch or flwr.
 """
@@ -59,14 +59,9 @@ def start_cmd(
     """Start this hospital's SuperNode (and its persistent ClientApp worker); Ctrl-C stops."""
     import time
 
-    from client.launch_procs import proc_set
-    from client.launch_supernode import (
-        child_env,
-        load_node_file,
-        node_commands,
-        node_config_values,
-        shell_line,
-    )
+    from client.node_file import child_env, load_node_file, node_commands, node_config_values
+    from common.flower_runtime import shell_line
+    from common.processes import proc_set
 
     nf = load_node_file(node_file)
     commands = node_commands(nf.connection, node_config_values(nf))
@@ -96,5 +91,20 @@ def start_cmd(
         raise typer.Exit(1)
 
 
-def register(app: typer.Typer) -> None:
+def certs_node(
+    name: str = typer.Argument(..., help="The hospital's node name, e.g. hospital-a."),
+    out: Path = typer.Option(Path("keys"), "--out"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing key pair."),
+) -> None:
+    """Create a hospital's node-authentication key pair (run this AT the hospital)."""
+    from common.certs import create_node_keys
+
+    files = create_node_keys(out, name, force=force)
+    typer.echo(f"private key: {files.private_key}  (mode 0600; never leaves this machine)")
+    typer.echo(f"public key:  {files.public_key}  (send to the coordinator)")
+    typer.echo(f"fingerprint: {files.fingerprint}  (confirm it with the coordinator)")
+
+
+def register(app: typer.Typer, certs: typer.Typer) -> None:
     app.add_typer(node_app, name="node")
+    certs.command("node")(certs_node)

@@ -1,0 +1,96 @@
+"""A hospital's work for one request, with no Flower in sight: policy checks and scoring.
+
+Why apart from the ClientApp: "these λ on this fold → these histograms" is the whole job of a
+site, and it must be runnable and testable by itself (a bench, a dry run, a test) without
+building Flower messages. `client_app.py` only decodes messages, calls these functions and
+wraps what they return.
+
+Where a λ travels here: `score_candidates` → `node_cache.merger(...).apply(λ)` (the in-place
+switch) → `YesNoScorer.score` (log-odds per stay) → `score_histograms` (the site's counts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from client import policy
+from client.node_config import NodeConfig
+from common.protocol import Announcement, RoundInstructions
+
+Histograms = list[tuple[np.ndarray, np.ndarray]]
+
+
+def own_fingerprints(cfg: NodeConfig) -> tuple[str, str]:
+    """SHA-256 of this site's own copies of the parents (cached per process)."""
+    from client.node_cache import parent_fingerprint
+
+    return parent_fingerprint(cfg.parent_a), parent_fingerprint(cfg.parent_b)
+
+
+def check_announcement(cfg: NodeConfig, ann: Announcement) -> tuple[str, str | None]:
+    """(this site's public name, the first rule the announcement breaks or None)."""
+    from client.node_cache import fold_counts, site_records
+
+    site, _ = site_records(cfg, ann.scoring.hard)
+    counts = {
+        f: fold_counts(cfg, f, ann.folds, ann.fold_seed, ann.scoring.hard) for f in ann.score_folds
+    }
+    reason = policy.first_refusal(
+        policy.check_sites(cfg.policy, ann.sites),
+        policy.check_count(cfg.policy, ann.max_candidates_per_round),
+        policy.check_parents(own_fingerprints(cfg), ann.parent_fingerprints),
+        policy.check_cohort(cfg.policy, counts),
+    )
+    return site, reason
+
+
+def check_round(
+    cfg: NodeConfig,
+    instr: RoundInstructions,
+    *,
+    accepted_recipe: str | None,
+    sites_in_round: int,
+) -> str | None:
+    """The first rule this round breaks, or None; re-checked because a coordinator may change
+    its mind between the announcement and a round."""
+    from client.node_cache import fold_counts
+
+    if accepted_recipe is None or accepted_recipe != instr.recipe_fingerprint:
+        return "round does not match the recipe this site accepted"
+    counts = {
+        instr.fold: fold_counts(cfg, instr.fold, instr.folds, instr.fold_seed, instr.scoring.hard)
+    }
+    return policy.first_refusal(
+        policy.check_sites(cfg.policy, sites_in_round),
+        policy.check_candidates(cfg.policy, instr.candidates),
+        policy.check_parents(own_fingerprints(cfg), instr.parent_fingerprints),
+        policy.check_cohort(cfg.policy, counts),
+    )
+
+
+def score_candidates(
+    cfg: NodeConfig,
+    instr: RoundInstructions,
+    progress: Callable[[int, int], None] | None = None,
+) -> Histograms:
+    """(positives, negatives) histograms of every candidate, in order, on the round's fold.
+
+    `progress(done, total)` is called after each candidate: candidates, never counts.
+    """
+    from client.node_cache import fold_data, merger
+    from common.metrics import score_histograms
+
+    live_scorer, data = fold_data(
+        cfg, instr.method, instr.scoring, instr.fold, instr.folds, instr.fold_seed
+    )
+    live = merger(cfg, instr.method)
+    out: Histograms = []
+    for done, cand in enumerate(instr.candidates, start=1):
+        live.apply(cand)
+        log_odds = live_scorer.score(data.prepared)
+        out.append(score_histograms(log_odds, data.labels, instr.histogram))
+        if progress is not None:
+            progress(done, len(instr.candidates))
+    return out
