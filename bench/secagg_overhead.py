@@ -36,9 +36,13 @@ def make_client_app():
     from flwr.app import ArrayRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
 
-    from client.client_app import secure_mod
+    from client.secagg_guard import GuardPolicy, checked_secaggplus_mod
 
-    app = ClientApp(mods=[secure_mod])
+    # The site's SecAgg+ guard (Flower's mod behind the site's rules, fedmerge's masks).
+    guard = checked_secaggplus_mod(
+        lambda context: GuardPolicy(site=f"site-{context.node_id}", min_sites=3)
+    )
+    app = ClientApp(mods=[guard])
 
     @app.train()
     def train(msg, context):

@@ -1,23 +1,31 @@
 """The hospital node as a Flower ClientApp: decode a message, check policy, reply.
 
-Two kinds of message reach it. A QUERY carries the coordinator's announcement; the site checks
-its policy and answers with its name or an error reply that says why it refuses. A TRAIN
-message is one SecAgg+ round: the mod runs the key exchange and, at the masked-vector stage,
-calls `handle_round`, which re-checks the policy and has `client.task` score every candidate;
-the concatenated histograms are the one vector SecAgg+ masks. Nothing else leaves the site:
-empty metrics and a constant example count. The work itself lives in `client.task`.
+Three kinds of message reach it:
+- `query` carries the coordinator's announcement; the site checks its policy and answers
+  with its name, or an error reply naming the rule it refuses by;
+- `query.score` asks for one candidate of a round: the site re-checks its policy (at the
+  first candidate), scores it with `client.task` and KEEPS the histograms in its own node
+  state; the reply says only how many candidates it holds. Scoring takes as long as the
+  model needs, outside any SecAgg+ stage;
+- `train` is a SecAgg+ round over the vectors the sites already hold. The site's guard
+  (`client.secagg_guard`) checks every stage against its policy; at the masked-vector stage
+  `handle_round` hands the stored vector to the mask, once.
+Nothing else leaves the site: empty metrics and a constant example count.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
 from client.node_config import NodeConfig, parse_node_config, simulated_node_config
+from client.secagg_guard import GuardPolicy, checked_secaggplus_mod
 from common.errors import FedmergeError
 from common.protocol import (
     INSTRUCTIONS_KEY,
@@ -28,26 +36,20 @@ from common.protocol import (
     PolicyReply,
     Refusal,
     RoundInstructions,
+    ScoreProgress,
+    ScoreRequest,
+    instructions_digest,
 )
 
 ParentsFn = Callable[[], tuple[Path, Path]]
 
 ACCEPTED_RECORD = "fedmerge.accepted"
 SECAGG_STATE_RECORD = "secaggplus_state"  # flwr's RECORD_KEY_STATE, checked in tests
+# The scored round the site holds: histograms per candidate, and what they answer.
+SCORED_ARRAYS = "fedmerge.scored"
+SCORED_META = "fedmerge.scored.meta"
 
-
-class PolicyRefused(FedmergeError):
-    """Raised inside a SecAgg+ round: the runtime turns it into an error reply."""
-
-
-def secure_mod(msg: Message, context: Context, call_next):
-    """Flower's SecAgg+ client mod, with fedmerge's cryptographic masks installed first."""
-    from flwr.client.mod import secaggplus_mod
-
-    from common.secure_masks import install
-
-    install()
-    return secaggplus_mod(msg, context, call_next)
+log = logging.getLogger("fedmerge.node")
 
 
 def resolve_node_config(
@@ -99,9 +101,14 @@ def handle_announcement(msg: Message, context: Context, cfg: NodeConfig) -> Mess
         ann = Announcement.model_validate_json(
             str(msg.content.config_records[RECORD_NAME][INSTRUCTIONS_KEY])
         )
+    except (KeyError, ValueError):
+        return _refuse(msg, site, "request:malformed")
+    try:
         site, reason = check_announcement(cfg, ann)
-    except (FedmergeError, KeyError, ValueError) as exc:
-        return _refuse(msg, site, f"node cannot take part: {exc}")
+    except (FedmergeError, OSError, ValueError):
+        # The details (paths, ids in a data error) stay in the node's log: only a code leaves.
+        log.exception("announcement: this node cannot load its data or parents")
+        return _refuse(msg, site, "site:data-unavailable")
     if reason:
         return _refuse(msg, site, reason)
     context.state.config_records[ACCEPTED_RECORD] = ConfigRecord(
@@ -109,13 +116,6 @@ def handle_announcement(msg: Message, context: Context, cfg: NodeConfig) -> Mess
     )
     reply = PolicyReply(site=site).model_dump_json()
     return Message(RecordDict({RECORD_NAME: ConfigRecord({REPLY_KEY: reply})}), reply_to=msg)
-
-
-def _sites_in_round(context: Context, announced: int) -> int:
-    # SecAgg+'s own setup told this node how many sites were sampled; trust the smaller.
-    state = context.state.config_records.get(SECAGG_STATE_RECORD)
-    sampled = state.get("sample_num") if state is not None else None
-    return min(announced, int(sampled)) if sampled else announced
 
 
 def read_instructions(msg: Message) -> RoundInstructions:
@@ -143,25 +143,131 @@ def histogram_reply(msg: Message, histograms, bins: int) -> Message:
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
-def handle_round(msg: Message, context: Context, cfg: NodeConfig) -> Message:
-    """Re-check the policy, score every candidate, return the histograms as one vector."""
-    from client.task import check_round, score_candidates
-
-    instr = read_instructions(msg)
+def _site(context: Context, cfg: NodeConfig) -> str:
     accepted = context.state.config_records.get(ACCEPTED_RECORD)
-    site = str(accepted["site"]) if accepted is not None else (cfg.site or "site")
-    if cfg.test_fault == "drop":
-        raise RuntimeError(f"{site}: injected fault (test-fault=drop)")
-    reason = check_round(
-        cfg,
-        instr,
-        accepted_recipe=str(accepted["recipe"]) if accepted is not None else None,
-        sites_in_round=_sites_in_round(context, instr.sites),
+    return str(accepted["site"]) if accepted is not None else (cfg.site or "site")
+
+
+def _fault(cfg: NodeConfig, stage: str) -> float | None:
+    """Test-only fault injection: None, or seconds to stall (-1: fail) at `stage`."""
+    if not cfg.test_fault:
+        return None
+    kind, _, rest = cfg.test_fault.partition(":")
+    if kind == "drop":  # the historical name: fail inside the SecAgg+ round
+        kind, rest = "fail", "collect_masked_vectors"
+    where, _, seconds = rest.partition(":")
+    if where != stage:
+        return None
+    return -1.0 if kind == "fail" else float(seconds or 0)
+
+
+def handle_score(msg: Message, context: Context, cfg: NodeConfig) -> Message:
+    """Score one candidate of a round and keep its histograms here; reply with progress only."""
+    import time
+
+    from client.task import check_round, score_one
+
+    site = _site(context, cfg)
+    try:
+        req = ScoreRequest.model_validate_json(
+            str(msg.content.config_records[RECORD_NAME][INSTRUCTIONS_KEY])
+        )
+    except (KeyError, ValueError):
+        return _refuse(msg, site, "request:malformed")
+    instr = req.instructions
+    digest = instructions_digest(instr)
+    meta = context.state.config_records.get(SCORED_META)
+    if req.index == 0:
+        accepted = context.state.config_records.get(ACCEPTED_RECORD)
+        try:
+            reason = check_round(
+                cfg,
+                instr,
+                accepted_recipe=str(accepted["recipe"]) if accepted is not None else None,
+                sites_in_round=instr.sites,
+            )
+        except FedmergeError:
+            log.exception("round %s: policy check failed", instr.round)
+            return _refuse(msg, site, "site:data-unavailable")
+        if reason:
+            return _refuse(msg, site, reason)
+        # A new round: whatever an earlier round left is dropped, released or not.
+        context.state.array_records[SCORED_ARRAYS] = ArrayRecord()
+        meta = ConfigRecord({"digest": digest, "round": instr.round, "done": 0, "spent": False})
+        context.state.config_records[SCORED_META] = meta
+    elif meta is None or meta["digest"] != digest or int(meta["done"]) != req.index:
+        return _refuse(msg, site, "score:out-of-order")
+    stall = _fault(cfg, "score")
+    if stall is not None and stall < 0:
+        return _refuse(msg, site, "site:scoring-failed")
+    if stall:
+        time.sleep(stall)
+    try:
+        pos, neg = score_one(cfg, instr, req.index)
+    except Exception:  # the details stay in the node's log; the coordinator gets a code
+        log.exception("round %s: scoring candidate %s failed", instr.round, req.index)
+        return _refuse(msg, site, "site:scoring-failed")
+    context.state.array_records[SCORED_ARRAYS][str(req.index)] = Array(
+        np.concatenate([pos, neg]).astype(np.int64)
     )
-    if reason:
-        raise PolicyRefused(Refusal(site=site, reason=reason).to_reason())
-    histograms = score_candidates(cfg, instr)
+    meta["done"] = req.index + 1
+    progress = ScoreProgress(site=site, round=instr.round, done=req.index + 1,
+                             total=len(instr.candidates))
+    return Message(
+        RecordDict({RECORD_NAME: ConfigRecord({REPLY_KEY: progress.model_dump_json()})}),
+        reply_to=msg,
+    )
+
+
+def stored_histograms(context: Context, instr: RoundInstructions):
+    """The histograms this site scored for `instr`, or the rule that forbids releasing them."""
+    meta = context.state.config_records.get(SCORED_META)
+    if meta is None or meta["digest"] != instructions_digest(instr):
+        return None, "round:not-scored"
+    if bool(meta["spent"]):
+        return None, "round:already-released"
+    if int(meta["done"]) != len(instr.candidates):
+        return None, "round:not-scored"
+    arrays = context.state.array_records[SCORED_ARRAYS]
+    bins = instr.histogram.bins
+    out = []
+    for i in range(len(instr.candidates)):
+        both = arrays[str(i)].numpy()
+        out.append((both[:bins], both[bins:]))
+    return out, None
+
+
+def handle_round(msg: Message, context: Context, cfg: NodeConfig) -> Message:
+    """The SecAgg+ masked-vector stage: hand over the stored histograms, once."""
+    site = _site(context, cfg)
+    instr = read_instructions(msg)
+    histograms, rule = stored_histograms(context, instr)
+    if rule is not None:
+        return _refuse(msg, site, rule)
+    # Released at most once: a second sum over other sites would isolate this one.
+    context.state.config_records[SCORED_META]["spent"] = True
     return histogram_reply(msg, histograms, instr.histogram.bins)
+
+
+def _fault_mod(node: Callable[[Context], NodeConfig]):
+    """Test-only: make a node fail or stall at a SecAgg+ stage (node config `test-fault`)."""
+
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        import time
+
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+        cfg = node(context)
+        if cfg.test_fault and msg.metadata.message_type == "train":
+            record = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+            stall = _fault(cfg, str(record.get("stage")) if record is not None else "")
+            if stall is not None and stall < 0:
+                return _refuse(msg, _site(context, cfg), "site:failed")
+            if stall:
+                time.sleep(stall)
+        return call_next(msg, context)
+
+    return mod
 
 
 def make_client_app(
@@ -170,16 +276,24 @@ def make_client_app(
 ) -> ClientApp:
     """The hospital ClientApp. `overrides` (partition id -> node config) is for simulation;
     `default_parents` supplies parents when a `flwr run` simulation's run config has none."""
-    client_app = ClientApp(mods=[secure_mod])
+    client_app = ClientApp()
 
     def node(context: Context) -> NodeConfig:
         return resolve_node_config(context, overrides, default_parents)
+
+    def guard_policy(context: Context) -> GuardPolicy:
+        cfg = node(context)
+        return GuardPolicy(site=_site(context, cfg), min_sites=cfg.policy.min_sites)
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
         return handle_announcement(msg, context, node(context))
 
-    @client_app.train()
+    @client_app.query("score")
+    def score(msg: Message, context: Context) -> Message:
+        return handle_score(msg, context, node(context))
+
+    @client_app.train(mods=[_fault_mod(node), checked_secaggplus_mod(guard_policy)])
     def train(msg: Message, context: Context) -> Message:
         return handle_round(msg, context, node(context))
 

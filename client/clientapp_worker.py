@@ -38,6 +38,57 @@ FEDMERGE_FAB_ID = "fedmerge/fedmerge"
 
 log = logging.getLogger("fedmerge.worker")
 
+# The worker asks the SuperNode for a task every ACTIVE_POLL_S seconds for ACTIVE_WINDOW_S
+# seconds after its last task (a SecAgg+ round's stages follow each other closely), then the
+# wait grows by half per empty poll up to IDLE_POLL_S. A node idles for months between runs:
+# polling every 0.05 s (and the SuperNode every 0.25 s) cost it ~9% of a core, the adaptive
+# polls ~0.5% (bench/deploy_round.py --idle-only, docs/operators.md "Idle cost").
+ACTIVE_POLL_S = 0.05
+IDLE_POLL_S = 2.0
+ACTIVE_WINDOW_S = 60.0
+BACKOFF = 1.5
+
+
+def next_wait(wait: float, since_task: float, *, active: float, idle: float,
+              window: float) -> float:
+    """The wait after an empty poll, given the previous wait and the seconds since the last
+    task: `active` inside the window, then growing by BACKOFF per poll up to `idle`."""
+    if since_task < window:
+        return active
+    return min(idle, max(wait, active) * BACKOFF)
+
+
+def task_heartbeat_fn(client) -> Callable[[], bool]:
+    """The task heartbeat, without Flower's reaction to a refused one.
+
+    Flower's own (`make_task_heartbeat_fn_http`) raises SIGINT in this process when the
+    SuperNode refuses a heartbeat, which it does once the run was stopped (`flwr stop`) or
+    the task is gone. In a worker that serves every run of the node, SIGINT meant "stop the
+    worker": one `flwr stop` between two SecAgg+ stages left every hospital with a SuperNode
+    and no one to run its tasks, so each later run failed until the node was restarted.
+    Here a refused heartbeat only ends the heartbeats of that task; the worker serves on.
+    """
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # noqa: I001
+
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        try:
+            res = client.SendTaskHeartbeat(request)
+        except httpx.TransportError:
+            return False  # retried by the sender
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in (503, 504):
+                return False
+            log.info("task heartbeat refused (HTTP %s): the task ended", err.response.status_code)
+            return True
+        if not res.success:
+            log.info("task heartbeat refused: the run was stopped; the worker serves on")
+        return True
+
+    return beat
+
 
 @dataclass
 class TaskRecord:
@@ -78,13 +129,22 @@ class ClientAppWorker:
         app_source: Literal["installed", "fab"] = "installed",
         app_loader: Callable[[], object] | None = None,
         allowed_fab_ids: tuple[str, ...] = (FEDMERGE_FAB_ID,),
-        poll_interval: float = 0.05,
+        poll_interval: float = ACTIVE_POLL_S,
+        idle_poll_interval: float = IDLE_POLL_S,
+        active_window: float = ACTIVE_WINDOW_S,
     ) -> None:
         check_flwr_version("the persistent ClientApp worker's Runtime API calls")
+        if not 0 < poll_interval <= idle_poll_interval:
+            raise ValueError(
+                f"poll interval {poll_interval} s, idle {idle_poll_interval} s: "
+                "expected 0 < active <= idle"
+            )
         self.address = runtime_api_address
         self.app_source = app_source
         self.allowed_fab_ids = allowed_fab_ids
         self.poll_interval = poll_interval
+        self.idle_poll_interval = idle_poll_interval
+        self.active_window = active_window
         self._app_loader = app_loader or _load_installed_app
         self._apps: dict[str, object] = {}
         self.stats = WorkerStats()
@@ -152,7 +212,7 @@ class ClientAppWorker:
         from flwr.app import Message
         from flwr.app.error import Error
         from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+        from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supernode.runtime.run_clientapp import (
             pull_task_input,
             push_message,
@@ -161,7 +221,7 @@ class ClientAppWorker:
 
         t0 = time.perf_counter()
         client = self._client(token)
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat = HeartbeatSender(task_heartbeat_fn(client))
         heartbeat.start()
         message = context = reply = None
         run_id, mtype, group, detail = 0, "", "", ""
@@ -196,9 +256,17 @@ class ClientAppWorker:
             try:
                 if reply is not None and context is not None:
                     push_message(client, reply, context)
+                # Stop the heartbeat while the task token is still valid: a heartbeat sent
+                # after push_task_output gets 401, on which Flower's HTTP retry sends SIGINT
+                # to its own process, i.e. it stopped this worker and the node hung (seen in
+                # bench/deploy_round.py on a busy machine: a quick task finished before the
+                # heartbeat thread's first request).
+                if heartbeat.is_running:
+                    heartbeat.stop()
                 push_task_output(client, context, status, detail)
             finally:
-                heartbeat.stop()
+                if heartbeat.is_running:
+                    heartbeat.stop()
                 client.close()
             t_push = time.perf_counter()
         rec = TaskRecord(
@@ -237,17 +305,25 @@ class ClientAppWorker:
     def serve(self, max_tasks: int | None = None) -> WorkerStats:
         """Poll the SuperNode until `stop_event` is set (or `max_tasks` have run)."""
         poller = self._client(None)
+        # A fresh worker starts idle: its first task may wait up to idle_poll_interval.
+        last_task, wait = -float("inf"), self.idle_poll_interval
         try:
             while not self.stop_event.is_set():
                 token = self._acquire(poller)
                 if token is None:
-                    self.stop_event.wait(self.poll_interval)
+                    wait = next_wait(
+                        wait, time.monotonic() - last_task, active=self.poll_interval,
+                        idle=self.idle_poll_interval, window=self.active_window,
+                    )
+                    self.stop_event.wait(wait)
                     continue
                 try:
                     rec = self.run_one(token)
                 except Exception:  # e.g. the SuperNode went away mid-push: keep serving
                     log.exception("task with token %s... could not be completed", token[:6])
                     continue
+                finally:
+                    last_task = time.monotonic()
                 log.info(
                     "task %s run %s: handler %.3fs, io %.3fs",
                     rec.message_type, rec.run_id, rec.handler_s,
@@ -268,16 +344,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--app-source", choices=("installed", "fab"), default="installed")
-    parser.add_argument("--poll-interval", type=float, default=0.05)
+    parser.add_argument("--poll-interval", type=float, default=ACTIVE_POLL_S,
+                        help="seconds between polls while tasks arrive")
+    parser.add_argument("--idle-poll-interval", type=float, default=IDLE_POLL_S,
+                        help="seconds between polls once idle")
+    parser.add_argument("--active-window", type=float, default=ACTIVE_WINDOW_S,
+                        help="seconds after a task before backing off")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     worker = ClientAppWorker(
-        args.runtime_api_address, app_source=args.app_source, poll_interval=args.poll_interval
+        args.runtime_api_address, app_source=args.app_source, poll_interval=args.poll_interval,
+        idle_poll_interval=args.idle_poll_interval, active_window=args.active_window,
     )
     signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stop_event.set())
     worker.warm_up()
+    log.info("ready: serving the SuperNode at %s", args.runtime_api_address)
     worker.serve()
 
 

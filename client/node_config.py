@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.errors import FedmergeError, validation_error
 
+FAULT_PATTERN = (
+    r"^(|drop|fail:(score|setup|share_keys|collect_masked_vectors|unmask)"
+    r"|slow:(score|setup|share_keys|collect_masked_vectors|unmask):\d+(\.\d+)?)$"
+)
+
 
 class SitePolicy(BaseModel):
     """What a site refuses, checked before anything is scored."""
@@ -57,8 +62,10 @@ class NodeConfig(BaseModel):
     threads: int | None = Field(default=None, ge=1)
     policy: SitePolicy = SitePolicy()
     simulated: SimulatedSplit | None = None
-    # Test-only fault injection: "drop" makes the node fail inside the SecAgg+ round.
-    test_fault: Literal["", "drop"] = ""
+    # Test-only fault injection: "fail:STAGE" answers STAGE with an error, "slow:STAGE:SECONDS"
+    # stalls there; STAGE is score or a SecAgg+ stage (setup, share_keys,
+    # collect_masked_vectors, unmask). "drop" = "fail:collect_masked_vectors".
+    test_fault: str = Field(default="", pattern=FAULT_PATTERN)
 
 
 # node-config key -> (model field, nested policy field or None)

@@ -14,6 +14,7 @@ Node file layout::
       root_certificates: certs/ca.pem
       auth_private_key: keys/hospital-a.key
       runtime_port: 9094             # local only; distinct per node on one host
+      # active_poll_s: 0.25, active_window_s: 60, idle_poll_s: 3   (the SuperNode's poll)
     node: {...}                      # the NodeConfig fields (client/node_config.py)
 
 Relative paths are resolved against the node file's directory.
@@ -25,7 +26,14 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from common.errors import FedmergeError, validation_error
 from common.flower_runtime import check_host_port, flower_env, flower_exe, format_flower_config
@@ -45,14 +53,26 @@ class NodeConnection(BaseModel):
     max_retries: int | None = Field(None, ge=0)
     max_wait_time: float | None = Field(None, gt=0)
     flwr_home: Path | None = None
-    # Seconds between the SuperNode's pulls while idle (Flower 1.41 waits 3 s); None runs plain
-    # `flower-supernode`. See client/supernode_poll.py.
-    idle_poll_s: float | None = Field(0.25, gt=0, le=3)
+    # The SuperNode's pull interval (client/supernode_poll.py): `active_poll_s` for
+    # `active_window_s` seconds after the last message or reply, then growing to
+    # `idle_poll_s` (Flower 1.41's own 3 s), which is also the most a run's first message
+    # waits. `idle_poll_s: null` runs plain `flower-supernode` (always 3 s).
+    active_poll_s: float = Field(0.25, gt=0, le=3)
+    idle_poll_s: float | None = Field(3.0, gt=0, le=30)
+    active_window_s: float = Field(60.0, ge=0)
 
     @field_validator("superlink")
     @classmethod
     def _address(cls, v: str) -> str:
         return check_host_port(v, "superlink")
+
+    @model_validator(mode="after")
+    def _polls(self) -> NodeConnection:
+        if self.idle_poll_s is not None and self.idle_poll_s < self.active_poll_s:
+            raise ValueError(
+                f"idle_poll_s {self.idle_poll_s} is below active_poll_s {self.active_poll_s}"
+            )
+        return self
 
 
 class NodeFile(BaseModel):
@@ -159,8 +179,12 @@ def supernode_argv(conn: NodeConnection, node_config: dict[str, Any]) -> list[st
     if conn.idle_poll_s is None:
         head = [flower_exe("flower-supernode")]
     else:
-        poll = str(conn.idle_poll_s)
-        head = [sys.executable, "-m", "client.supernode_poll", "--idle-poll", poll]
+        head = [
+            sys.executable, "-m", "client.supernode_poll",
+            "--active-poll", str(conn.active_poll_s),
+            "--idle-poll", str(conn.idle_poll_s),
+            "--active-window", str(conn.active_window_s),
+        ]
     argv = [
         *head,
         "--superlink", conn.superlink,

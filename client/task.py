@@ -5,7 +5,7 @@ site, and it must be runnable and testable by itself (a bench, a dry run, a test
 building Flower messages. `client_app.py` only decodes messages, calls these functions and
 wraps what they return.
 
-Where a λ travels here: `score_candidates` → `node_cache.merger(...).apply(λ)` (the in-place
+Where a λ travels here: `score_one` → `node_cache.merger(...).apply(λ)` (the in-place
 switch) → `YesNoScorer.score` (log-odds per stay) → `score_histograms` (the site's counts).
 """
 
@@ -43,6 +43,12 @@ def check_announcement(cfg: NodeConfig, ann: Announcement) -> tuple[str, str | N
         policy.check_parents(own_fingerprints(cfg), ann.parent_fingerprints),
         policy.check_cohort(cfg.policy, counts),
     )
+    if reason is None:
+        # Load both parents now, inside the announcement's generous timeout: a node that
+        # cannot hold them says so before any round, and no round pays for the loading.
+        from client.node_cache import merger
+
+        merger(cfg, ann.method)
     return site, reason
 
 
@@ -70,6 +76,21 @@ def check_round(
     )
 
 
+def score_one(
+    cfg: NodeConfig, instr: RoundInstructions, index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(positives, negatives) histograms of candidate `index` on the round's fold."""
+    from client.node_cache import fold_data, merger
+    from common.metrics import score_histograms
+
+    live_scorer, data = fold_data(
+        cfg, instr.method, instr.scoring, instr.fold, instr.folds, instr.fold_seed
+    )
+    merger(cfg, instr.method).apply(instr.candidates[index])
+    log_odds = live_scorer.score(data.prepared)
+    return score_histograms(log_odds, data.labels, instr.histogram)
+
+
 def score_candidates(
     cfg: NodeConfig,
     instr: RoundInstructions,
@@ -79,18 +100,9 @@ def score_candidates(
 
     `progress(done, total)` is called after each candidate: candidates, never counts.
     """
-    from client.node_cache import fold_data, merger
-    from common.metrics import score_histograms
-
-    live_scorer, data = fold_data(
-        cfg, instr.method, instr.scoring, instr.fold, instr.folds, instr.fold_seed
-    )
-    live = merger(cfg, instr.method)
     out: Histograms = []
-    for done, cand in enumerate(instr.candidates, start=1):
-        live.apply(cand)
-        log_odds = live_scorer.score(data.prepared)
-        out.append(score_histograms(log_odds, data.labels, instr.histogram))
+    for index in range(len(instr.candidates)):
+        out.append(score_one(cfg, instr, index))
         if progress is not None:
-            progress(done, len(instr.candidates))
+            progress(index + 1, len(instr.candidates))
     return out

@@ -23,6 +23,12 @@ RECORD_NAME = "fedmerge"
 # Error code of a policy refusal (distinct from Flower's own codes, which are small).
 REFUSAL_CODE = 4403
 REFUSAL_MARK = "fedmerge-refusal"
+# A refusal whose code starts with this says the site FAILED (it is a dropout), not that a
+# rule of its policy was broken: "site:scoring-failed", "site:handler-failed", ...
+FAILURE_PREFIX = "site:"
+# Scoring travels as `query.score` messages, outside SecAgg+ (whose client mod only sees
+# `train`); the SecAgg+ exchange then runs over vectors the sites already hold.
+SCORE_MESSAGE_TYPE = "query.score"
 
 __all__ = ["GROUPS", "Candidate", "candidate_key"]  # GROUPS: the merge engine's, re-exported
 Candidate = float | dict[str, float]
@@ -74,6 +80,38 @@ class RoundInstructions(RecipeTerms):
     fold: int = Field(ge=0)
     histogram: HistogramSpec = HistogramSpec()
     sites: int = Field(ge=1)
+
+
+class ScoreRequest(BaseModel):
+    """Score candidate `index` of a round and keep its histograms at the site.
+
+    One candidate per message, in order, so that the coordinator sees how far each site has
+    got (started, n of m done) and a site's scoring can take as long as its model needs
+    without holding a SecAgg+ stage open.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    instructions: RoundInstructions
+    index: int = Field(ge=0)
+
+
+class ScoreProgress(BaseModel):
+    """A site's answer to a ScoreRequest: how many candidates it holds, never any count."""
+
+    model_config = ConfigDict(frozen=True)
+
+    site: str
+    round: int
+    done: int
+    total: int
+
+
+def instructions_digest(instr: RoundInstructions) -> str:
+    """SHA-256 of a round's instructions: the SecAgg+ round must ask for what was scored."""
+    import hashlib
+
+    return hashlib.sha256(instr.model_dump_json().encode()).hexdigest()
 
 
 class PolicyReply(BaseModel):

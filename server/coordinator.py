@@ -2,10 +2,15 @@
 
 1. Announcement (a plain QUERY): every node checks its policy against the recipe and either
    accepts, naming itself, or refuses with a reason. Too few acceptances stop the run here.
-2. Search rounds (SecAgg+): candidates proposed by the search strategy are scored by every
-   accepting site on fold `tune_fold`; only the summed histograms come back, from which the
+2. Search rounds: candidates proposed by the search strategy are scored by every taking-part
+   site on fold `tune_fold` (`server.scoring_round`: one candidate per request, as long as
+   the model needs, the histograms kept at the site); then one SecAgg+ exchange over the
+   sites that finished (`server.secagg`) returns only the summed histograms, from which the
    pooled AUROC/AUPRC per candidate follow.
-3. Test round (SecAgg+): λ*, parent A (λ = 0) and parent B (λ = 1) on fold `test_fold`.
+3. Test round (the same two steps): λ*, parent A (λ = 0) and parent B (λ = 1) on `test_fold`.
+
+A site that fails, refuses or runs out of time in any step leaves the run (it is reported
+and never asked again); a round goes on while at least `min_sites` sites remain.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from flwr.app.message_type import MessageType
 
 from common.errors import FedmergeError
 from common.protocol import (
+    FAILURE_PREFIX,
     INSTRUCTIONS_KEY,
     RECORD_NAME,
     REPLY_KEY,
@@ -29,6 +35,7 @@ from common.protocol import (
 )
 from server.grid import CoordinatorGrid
 from server.recipe import TuningRecipe
+from server.scoring_round import score_round
 from server.search import Evaluation, best_of, make_search, run_search
 from server.secagg import describe_error, secure_round
 
@@ -59,6 +66,12 @@ class TuningOutcome:
     rounds: list[dict] = field(default_factory=list)
 
 
+def _reason_of(raw: str | None) -> str:
+    """The code a site gave, without repeating its name; else the raw error, shortened."""
+    refusal = Refusal.from_reason(raw)
+    return refusal.reason if refusal is not None else describe_error(raw)
+
+
 def wait_for_nodes(grid, expected: int, wait_s: float) -> list[int]:
     """Node ids once `expected` nodes are connected, or whatever is there after `wait_s`."""
     deadline = time.monotonic() + wait_s
@@ -69,14 +82,15 @@ def wait_for_nodes(grid, expected: int, wait_s: float) -> list[int]:
         time.sleep(0.2)
 
 
-def _announce(grid: CoordinatorGrid, recipe: TuningRecipe, node_ids: list[int]):
+def announce(grid: CoordinatorGrid, recipe: TuningRecipe, node_ids: list[int]):
     ann = recipe.announcement(sites=len(node_ids))
     content = RecordDict({RECORD_NAME: ConfigRecord({INSTRUCTIONS_KEY: ann.model_dump_json()})})
     msgs = [
         Message(content=content, dst_node_id=nid, message_type=MessageType.QUERY, group_id="policy")
         for nid in node_ids
     ]
-    replies = list(grid.send_and_receive(msgs, timeout=recipe.secagg.timeout))
+    timeout = max(recipe.secagg.timeout, recipe.scoring_timeout())  # loading, hashing parents
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
     accepted: dict[int, str] = {}
     refusals: list[dict[str, str]] = []
     for r in replies:
@@ -98,7 +112,7 @@ def _announce(grid: CoordinatorGrid, recipe: TuningRecipe, node_ids: list[int]):
                 {
                     "site": f"node-{nid}",
                     "stage": "announcement",
-                    "reason": f"no answer within {recipe.secagg.timeout:g} s",
+                    "reason": f"no answer within {timeout:g} s",
                 }
             )
     return accepted, refusals
@@ -121,7 +135,7 @@ def run_tuning(
     recipe = recipe.with_fingerprints()
     node_ids = wait_for_nodes(grid, expected_sites or recipe.min_sites, wait_s)
     emit("nodes", count=len(node_ids))
-    accepted, refusals = _announce(grid, recipe, node_ids)
+    accepted, refusals = announce(grid, recipe, node_ids)
     emit("announced", accepted=sorted(accepted.values()), refusals=refusals)
     if len(accepted) < recipe.min_sites:
         why = "; ".join(f"{r['site']}: {r['reason']}" for r in refusals) or "no refusals"
@@ -129,30 +143,83 @@ def run_tuning(
             f"announcement: {len(accepted)} of {len(node_ids)} sites accepted, the recipe needs "
             f"min_sites={recipe.min_sites} ({why})"
         )
-    site_ids = sorted(accepted)
+    live = sorted(accepted)  # the sites still taking part
+    score_timeout = recipe.scoring_timeout()
     rounds: list[dict] = []
     results: dict[tuple, CandidateResult] = {}
     contributing: set[str] = set()
     dropouts: list[dict] = []
 
+    def site_of(nid: int) -> str:
+        return accepted.get(nid, f"node-{nid}")
+
+    def lose(nid: int, rnd: int, raw: str | None = None, reason: str | None = None) -> None:
+        """Record why a site left the run; it is never asked again."""
+        refusal = Refusal.from_reason(raw) if raw is not None else None
+        if refusal is not None and refusal.reason.startswith(FAILURE_PREFIX):
+            reason = refusal.reason  # the site failed (a code): a dropout, not a refusal
+            refusal = None
+        if refusal is not None:
+            refusals.append(
+                {"site": site_of(nid), "stage": f"round {rnd}", "reason": refusal.reason}
+            )
+        else:
+            why = reason if reason is not None else describe_error(raw)
+            dropouts.append({"site": site_of(nid), "round": rnd, "reason": why})
+        if nid in live:
+            live.remove(nid)
+
     def do_round(candidates: list[Candidate], rnd: int, stage: str):
         instr = recipe.round_instructions(
-            round=rnd, stage=stage, candidates=candidates, sites=len(site_ids)
+            round=rnd, stage=stage, candidates=candidates, sites=len(live)
         )
+        where = f"round {rnd} ({stage})"
         emit("round_start", round=rnd, stage=stage, candidates=candidates)
         started = time.perf_counter()
-        outcome = secure_round(
-            grid, context, node_ids=site_ids, instructions=instr, settings=recipe.secagg
+        asked = list(live)
+        scored = score_round(
+            grid, asked, instr, timeout_per_candidate=score_timeout,
+            on_progress=lambda nid, done, total: emit(
+                "score_progress", round=rnd, stage=stage, site=site_of(nid), done=done,
+                total=total,
+            ),
         )
-        sites = sorted(accepted[n] for n in outcome.contributors)
-        contributing.update(sites)
+        scoring_s = time.perf_counter() - started
+        for nid, raw in scored.failed.items():
+            lose(nid, rnd, raw)
+        for nid, done in scored.slow.items():
+            lose(nid, rnd, reason=(
+                f"still scoring after {score_timeout:g} s per candidate "
+                f"({done} of {len(candidates)} done)"
+            ))
+        if len(scored.ready) < recipe.min_sites:
+            slow = ", ".join(
+                f"{site_of(n)} ({d}/{len(candidates)})" for n, d in scored.slow.items()
+            )
+            failed = ", ".join(
+                f"{site_of(n)} ({_reason_of(r)})" for n, r in scored.failed.items()
+            )
+            detail = "; ".join(
+                x for x in (slow and f"still scoring: {slow}", failed and f"failed: {failed}") if x
+            )
+            hint = (
+                f"; raise score_timeout in the recipe (now {score_timeout:g} s per candidate; "
+                "--timeout on fedmerge simulate)" if scored.slow else ""
+            )
+            raise FedmergeError(
+                f"{where}: {len(scored.ready)} of {len(asked)} sites finished scoring, the recipe "
+                f"needs min_sites={recipe.min_sites} ({detail or 'no answers'}){hint}"
+            )
+        emit("secagg_start", round=rnd, stage=stage, sites=len(scored.ready))
+        secagg_started = time.perf_counter()
+        outcome = secure_round(
+            grid, context, node_ids=scored.ready, instructions=instr,
+            settings=recipe.secagg, min_sites=recipe.min_sites,
+        )
         for nid, raw in outcome.failures.items():
-            refusal = Refusal.from_reason(raw)
-            site = accepted.get(nid, f"node-{nid}")
-            if refusal is not None:
-                refusals.append({"site": site, "stage": f"round {rnd}", "reason": refusal.reason})
-            else:
-                dropouts.append({"site": site, "round": rnd, "reason": describe_error(raw)})
+            lose(nid, rnd, raw)
+        sites = sorted(site_of(n) for n in outcome.contributors)
+        contributing.update(sites)
         rounds.append(
             {
                 "round": rnd,
@@ -160,9 +227,13 @@ def run_tuning(
                 "fold": instr.fold,
                 "candidates": candidates,
                 "sites": sites,
-                "failed": sorted(accepted.get(n, f"node-{n}") for n in outcome.failures),
-                # Wall time of the whole SecAgg+ round (all stages), for operators' planning.
+                "failed": sorted(
+                    site_of(n) for n in {*scored.failed, *scored.slow, *outcome.failures}
+                ),
+                # Wall times, for operators' planning: the whole round, and its two steps.
                 "seconds": round(time.perf_counter() - started, 3),
+                "scoring_seconds": round(scoring_s, 3),
+                "secagg_seconds": round(time.perf_counter() - secagg_started, 3),
             }
         )
         out = []

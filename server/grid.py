@@ -5,7 +5,10 @@ Two jobs, one wrapper, because both sit on the same two calls (push and pull):
   answered a halted round from it, and the privacy tests prove from it that nothing
   per-site ever arrives in the clear;
 - on a deployment it pulls replies every 0.1 s instead of flwr 1.41's 3 s, which a SecAgg+
-  round would otherwise pay once per stage for nothing.
+  round would otherwise pay once per stage for nothing;
+- while `message_ttl` is set it gives every message it sends that lifetime. Flower's
+  SecAgg+ workflow sends its stages with the default 12 h lifetime and never cancels one
+  that timed out, so a slow site would otherwise receive a stale stage long after.
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ class CoordinatorGrid(Grid):
         self.sent: list[Message] = []
         self.received: list[Message] = []
         self._lock = threading.Lock()
+        self.message_ttl: float | None = None
+
+    def _stamp(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        if self.message_ttl is not None:
+            for m in messages:
+                m.metadata.ttl = self.message_ttl
+        return messages
 
     def set_run(self, run) -> None:
         self.inner.set_run(run)
@@ -47,7 +58,7 @@ class CoordinatorGrid(Grid):
         return self.inner.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        messages = list(messages)
+        messages = self._stamp(messages)
         with self._lock:
             self.sent.extend(messages)
         return self.inner.push_messages(messages)
@@ -66,7 +77,7 @@ class CoordinatorGrid(Grid):
         from flwr.superlink.grid.http_grid import HttpGrid
 
         if not isinstance(self.inner, HttpGrid):
-            messages = list(messages)
+            messages = self._stamp(messages)
             with self._lock:
                 self.sent.extend(messages)
             got = list(self.inner.send_and_receive(messages, timeout=timeout))

@@ -35,13 +35,15 @@ class SearchSettings(BaseModel):
 
 
 class SecAggSettings(BaseModel):
-    """SecAgg+ shares and threshold (an int is a count, a float a fraction of the sites)."""
+    """SecAgg+ shares and threshold (an int is a count, a float a fraction of the sites), and
+    the timeout of each SecAgg+ stage. Scoring happens before the exchange, so a stage only
+    moves keys, shares and masked vectors: seconds, whatever the model's size."""
 
     model_config = ConfigDict(frozen=True)
 
     num_shares: int | float = 1.0
     reconstruction_threshold: int | float = 0.67
-    timeout: float = Field(default=120.0, gt=0)
+    timeout: float = Field(default=60.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _valid(self) -> SecAggSettings:
@@ -56,18 +58,31 @@ class SecAggSettings(BaseModel):
             raise ValueError(f"reconstruction_threshold={t}: must be below num_shares")
         return self
 
-    def threshold_for(self, sites: int) -> int:
-        """The threshold Flower will use for `sites` sampled sites (mirrors its rounding)."""
+    def shares_for(self, sites: int) -> int:
+        """Shares per site for `sites` sampled sites: odd unless it is every site (Flower
+        1.41 hands out one share too few for an even count below the site count)."""
         shares = (
             self.num_shares if isinstance(self.num_shares, int) else round(self.num_shares * sites)
         )
-        if isinstance(self.num_shares, float):
-            if shares < sites and shares % 2 == 0:
-                shares += 1
-            if shares <= 2:
-                shares = sites
+        shares = min(max(shares, 3), sites)
+        if shares < sites and shares % 2 == 0:
+            shares += 1
+        return shares
+
+    def threshold_for(self, sites: int, min_sites: int = 3) -> int:
+        """The threshold for `sites` sampled sites: the recipe's, raised to what every site's
+        guard demands by default (a strict majority of the sampled sites, at least
+        `min_sites`), so that no coalition smaller than that can unmask anything."""
+        shares = self.shares_for(sites)
         t = self.reconstruction_threshold
-        return max(round(t * shares), 2) if isinstance(t, float) else t
+        wanted = round(t * shares) if isinstance(t, float) else t
+        threshold = max(wanted, sites // 2 + 1, min_sites, 2)
+        if threshold > shares:
+            raise FedmergeError(
+                f"secagg: threshold {threshold} for {sites} sites exceeds {shares} shares per "
+                "site; expected num_shares of at least a strict majority of the sites"
+            )
+        return threshold
 
 
 class TuningRecipe(BaseModel):
@@ -90,6 +105,9 @@ class TuningRecipe(BaseModel):
     # Two sites would each learn the other's histograms from the sum.
     min_sites: int = Field(default=3, ge=3)
     secagg: SecAggSettings = SecAggSettings()
+    # Seconds one site may take to score ONE candidate (None: from the parents' size, see
+    # `default_score_timeout`). A site slower than this is left out of that round.
+    score_timeout: float | None = Field(default=None, gt=0)
     histogram: HistogramSpec = HistogramSpec()
     scoring: ScoringSettings = ScoringSettings()
 
@@ -133,8 +151,16 @@ class TuningRecipe(BaseModel):
 
     def fingerprint(self) -> str:
         """SHA-256 of everything that changes what sites compute (not paths, not timeouts)."""
-        payload = self.model_dump_json(exclude={"parent_a", "parent_b", "secagg"}, round_trip=True)
+        payload = self.model_dump_json(
+            exclude={"parent_a", "parent_b", "secagg", "score_timeout"}, round_trip=True
+        )
         return hashlib.sha256(payload.encode()).hexdigest()
+
+    def scoring_timeout(self) -> float:
+        """Seconds per candidate per site: the recipe's, else sized from the parents."""
+        if self.score_timeout is not None:
+            return self.score_timeout
+        return default_score_timeout(Path(self.parent_a))
 
     def terms(self) -> dict[str, object]:
         """The fields every message of a run restates (`common.protocol.RecipeTerms`)."""
@@ -178,6 +204,21 @@ class TuningRecipe(BaseModel):
         return {g: float(which) for g in self.groups}
 
 
+def default_score_timeout(parent: Path) -> float:
+    """A generous per-candidate scoring time for a parent of this size: 2 minutes plus 10
+    minutes per GB of weights (a 7-8 B model in bf16, about 15 GB, gets 2.5 hours), or an
+    hour when the coordinator holds no copy of the parents to measure."""
+    from common.model_io import weight_files
+
+    try:
+        size = sum(f.stat().st_size for f in weight_files(parent))
+    except (OSError, ValueError, FedmergeError):
+        size = 0
+    if size == 0:
+        return 3600.0
+    return 120.0 + 600.0 * size / 1e9
+
+
 # `[tool.flwr.app.config]` / `--run-config` keys -> recipe fields (flat, Flower-friendly).
 RUN_KEYS = {
     "parent-a": ("parent_a",),
@@ -200,6 +241,7 @@ RUN_KEYS = {
     "num-shares": ("secagg", "num_shares"),
     "reconstruction-threshold": ("secagg", "reconstruction_threshold"),
     "timeout": ("secagg", "timeout"),
+    "score-timeout": ("score_timeout",),
     "bins": ("histogram", "bins"),
     "lo": ("histogram", "lo"),
     "hi": ("histogram", "hi"),

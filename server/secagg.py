@@ -1,10 +1,17 @@
-"""One SecAgg+ round of histogram sums over the sites the coordinator chose.
+"""One SecAgg+ round of histogram sums over sites that have already scored.
 
 Flower's SecAggPlusWorkflow is driven directly, one call per search round, instead of through
 `DefaultWorkflow`: the number of rounds depends on the search, and nothing here needs initial
-parameters or an evaluation phase. The workflow logs "Secure aggregation halted" and returns
-quietly when too few sites survive; `secure_round` turns that into a FedmergeError naming the
-sites that failed and why.
+parameters or an evaluation phase. Scoring is finished before this round starts (see
+`server.scoring_round`), so every stage only moves keys, shares and masked vectors and has a
+short timeout. Two things are changed in Flower 1.41's workflow (`_SurvivorsWorkflow`):
+- after setup and after key sharing, the protocol continues with the survivors only. Flower
+  lists a site lost in those stages as "dead" at unmasking, where no site holds its shares,
+  so a single early dropout halted every round (and made each site raise `KeyError`);
+- shares and threshold are passed as counts the sites' guards accept (a strict majority,
+  at least `min_sites`), never as fractions Flower rounds on its own.
+The workflow logs "Secure aggregation halted" and returns quietly when too few sites
+survive; `secure_round` turns that, and any exception of the workflow, into one line.
 """
 
 from __future__ import annotations
@@ -44,6 +51,35 @@ def describe_error(reason: str | None) -> str:
     return (reason or "no reason given").strip()
 
 
+def _survivors_workflow_class():
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    class _SurvivorsWorkflow(SecAggPlusWorkflow):
+        """Continues with the sites that answered setup and key sharing (see the module)."""
+
+        @staticmethod
+        def _keep_survivors(state) -> None:
+            keep = set(state.active_node_ids)
+            state.sampled_node_ids = keep
+            state.nid_to_neighbours = {
+                n: nb & keep for n, nb in state.nid_to_neighbours.items() if n in keep
+            }
+
+        def setup_stage(self, grid, context, state) -> bool:
+            if not super().setup_stage(grid, context, state):
+                return False
+            self._keep_survivors(state)
+            return self._check_threshold(state)
+
+        def share_keys_stage(self, grid, context, state) -> bool:
+            if not super().share_keys_stage(grid, context, state):
+                return False
+            self._keep_survivors(state)
+            return self._check_threshold(state)
+
+    return _SurvivorsWorkflow
+
+
 def secure_round(
     grid: CoordinatorGrid,
     context: Context,
@@ -52,10 +88,10 @@ def secure_round(
     instructions: RoundInstructions,
     settings: SecAggSettings,
     exact: ExactSumSettings | None = None,
+    min_sites: int = 3,
 ) -> RoundOutcome:
     """Run one SecAgg+ round over `node_ids`; return the exact summed histograms."""
     from flwr.server import LegacyContext, ServerConfig
-    from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
     from common.secure_masks import install
@@ -64,6 +100,14 @@ def secure_round(
     install()
     exact = exact or ExactSumSettings()
     exact.check_sites(len(node_ids))
+    where = f"round {instructions.round} ({instructions.stage})"
+    if len(node_ids) < min_sites:
+        raise FedmergeError(
+            f"{where}: {len(node_ids)} sites ready for secure aggregation, the recipe needs "
+            f"min_sites={min_sites}"
+        )
+    shares = settings.shares_for(len(node_ids))
+    threshold = settings.threshold_for(len(node_ids), min_sites)
     strategy = HistogramSumStrategy(grid, node_ids, instructions)
     # A private state: the workflow writes its aggregate there, not into the app's context.
     round_ctx = Context(
@@ -78,9 +122,11 @@ def secure_round(
         {Key.CURRENT_ROUND: instructions.round}
     )
     legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-    workflow = SecAggPlusWorkflow(
-        num_shares=settings.num_shares,
-        reconstruction_threshold=settings.reconstruction_threshold,
+    workflow = _survivors_workflow_class()(
+        # As the exact fraction: Flower refuses an integer threshold equal to an integer
+        # share count, which is what a 3-site round with min_sites=3 must use.
+        num_shares=shares / len(node_ids),
+        reconstruction_threshold=threshold,
         max_weight=float(SITE_WEIGHT),
         clipping_range=exact.clipping_range,
         quantization_range=exact.quantization_range,
@@ -88,7 +134,16 @@ def secure_round(
         timeout=settings.timeout,
     )
     start = len(grid.received)
-    workflow(grid, legacy)
+    grid.message_ttl = settings.timeout + 30.0  # a stage no one waits for anymore expires
+    try:
+        workflow(grid, legacy)
+    except Exception as exc:  # Flower's own checks on replies a site or attacker malformed
+        raise FedmergeError(
+            f"{where}: secure aggregation failed ({type(exc).__name__} in Flower's SecAgg+ "
+            "workflow); no result for this round"
+        ) from None
+    finally:
+        grid.message_ttl = None
     failures = _failures_for_round(grid, start, str(instructions.round))
     answered = {
         m.metadata.src_node_id
@@ -97,16 +152,15 @@ def secure_round(
     }
     if strategy.aggregate is None:
         silent = [n for n in node_ids if n not in answered and n not in failures]
-        threshold = settings.threshold_for(len(node_ids))
         detail = "; ".join(f"node {n}: {describe_error(r)}" for n, r in failures.items())
         if silent:
             detail += (
                 "; " if detail else ""
             ) + f"no answer within {settings.timeout:g} s from nodes {silent}"
         raise FedmergeError(
-            f"round {instructions.round} ({instructions.stage}): secure aggregation halted, too "
-            f"few of the {len(node_ids)} sites completed it (reconstruction threshold "
-            f"{threshold}); {detail or 'no reason reported'}"
+            f"{where}: secure aggregation halted, too few of the {len(node_ids)} sites "
+            f"completed it (reconstruction threshold {threshold}); "
+            f"{detail or 'no reason reported'}"
         )
     histograms = decode_sum(
         strategy.aggregate,

@@ -48,7 +48,17 @@ def make_server_app(
         recording = CoordinatorGrid(grid)
         if sink is not None:
             sink["grid"] = recording
-        outcome = run_tuning(recording, context, chosen, expected_sites=sites, on_event=on_event)
+        from common.errors import FedmergeError
+
+        try:
+            outcome = run_tuning(
+                recording, context, chosen, expected_sites=sites, on_event=on_event
+            )
+        except FedmergeError as exc:
+            if sink is None:
+                raise
+            sink["error"] = str(exc)  # the caller reports it as one line
+            return
         write_report(outcome, out)
         if sink is not None:
             sink["outcome"] = outcome

@@ -63,6 +63,14 @@ def simulate(
             help="A tuning recipe YAML (as `fedmerge coordinator submit` takes); flags win.",
         ),
     ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            help="Seconds one site may take to score one candidate (default: from the parents' "
+            "size); a slower site is left out of the round.",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("runs/simulate"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of the site split.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's own log.")] = False,
@@ -77,6 +85,10 @@ def simulate(
     fields, parents, method, search = _recipe_fields(
         recipe, parents, method, search, groups, grid_points, hard
     )
+    if timeout is not None:
+        if timeout <= 0:
+            raise FedmergeError(f"--timeout {timeout}: expected seconds > 0")
+        fields["score_timeout"] = timeout
     if data is None and split == "region" and sites is None:
         sites = 3
     if split != "region" and sites is None:
@@ -99,6 +111,7 @@ def simulate(
         transient=False,
     )
     task = progress.add_task("starting the simulation engine", total=None)
+    scored: dict[str, int] = {}  # site -> candidates done in the current round
 
     def on_event(kind: str, **info) -> None:
         if kind == "nodes":
@@ -110,9 +123,22 @@ def simulate(
             progress.update(task, description=msg)
         elif kind == "round_start":
             n = len(info["candidates"])
+            scored.clear()
+            progress.update(
+                task, description=f"{info['stage']}: scoring {n} merge{'s' if n > 1 else ''}"
+            )
+        elif kind == "score_progress":
+            scored[info["site"]] = info["done"]
+            total = info["total"]
+            ready = sum(d == total for d in scored.values())
             progress.update(
                 task,
-                description=f"{info['stage']}: scoring {n} merge{'s' if n > 1 else ''} (SecAgg+)",
+                description=f"{info['stage']}: scoring {total} merges, {ready}/{len(scored)} "
+                f"sites done, slowest at {min(scored.values())}/{total}",
+            )
+        elif kind == "secagg_start":
+            progress.update(
+                task, description=f"{info['stage']}: SecAgg+ sum over {info['sites']} sites"
             )
         elif kind == "round_end":
             progress.advance(task)

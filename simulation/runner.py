@@ -121,6 +121,8 @@ def run_simulation(
         },
         verbose_logging=verbose,
     )
+    if "error" in sink:
+        raise FedmergeError(sink["error"])
     if "outcome" not in sink:
         raise FedmergeError("simulation: the coordinator finished without a result (see the log)")
     return SimulationResult(sink["outcome"], sink["grid"], Path(sink["out"]), names)

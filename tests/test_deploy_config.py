@@ -76,6 +76,7 @@ def test_node_file_resolves_paths_and_round_trips(node_file, keyed):
         (lambda d: d["connection"].update(superlink="nohost"), "field 'connection.superlink'"),
         (lambda d: d["node"].pop("parent_a"), "field 'node.parent_a'"),
         (lambda d: d["node"].update(simulated={"sites": 3, "index": 0}), "node.simulated"),
+        (lambda d: d["connection"].update(idle_poll_s=0.1), "below active_poll_s"),
     ],
 )
 def test_bad_node_file_is_one_error_naming_file_and_field(node_file, tmp_path, edit, message):
@@ -97,8 +98,10 @@ def test_node_start_print_only_shows_tls_auth_and_worker(node_file):
     assert res.exit_code == 0, res.output
     lines = [shlex.split(x[2:]) for x in res.output.splitlines() if x.startswith("$ ")]
     supernode, worker = lines
-    # Flower's own SuperNode CLI, with only its 3 s idle poll shortened (client.supernode_poll).
-    assert supernode[1:5] == ["-m", "client.supernode_poll", "--idle-poll", "0.25"]
+    # Flower's own SuperNode CLI with an adaptive poll (client.supernode_poll): 0.25 s for
+    # 60 s after a message, then backing off to Flower's own 3 s.
+    assert supernode[1:9] == ["-m", "client.supernode_poll", "--active-poll", "0.25",
+                              "--idle-poll", "3.0", "--active-window", "60.0"]
     for flag in ("--root-certificates", "--auth-supernode-private-key", "--superlink"):
         assert flag in supernode
     assert supernode[supernode.index("--isolation") + 1] == "process"
@@ -200,24 +203,190 @@ def test_dry_run_refuses_a_pem_key_flower_cannot_load(node_file, keyed, tmp_path
     assert "auth_private_key" in str(res.exception) and "OpenSSH" in str(res.exception)
 
 
-def test_supernode_poll_caps_only_the_idle_sleep(monkeypatch):
+class _FakeClock:
+    """A clock that only moves when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now, self.sleeps = 1000.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_supernode_poll_is_fast_while_active_and_backs_off_to_idle():
     import time
+    from itertools import pairwise
+
+    from client.supernode_poll import AdaptivePoll
+
+    clock = _FakeClock()
+    poll = AdaptivePoll(0.25, 3.0, 10.0, clock=clock, sleeper=clock.sleep)
+    poll.sleep(3)  # a fresh node is idle: Flower's own pace
+    assert clock.sleeps == [3.0]
+    poll.note_activity()  # a message arrived: fast for the whole window
+    while clock.now - poll.last_activity < 10.0:
+        poll.sleep(3)
+    fast = clock.sleeps[1:]
+    assert set(fast) == {0.25} and len(fast) == 40
+    clock.sleeps.clear()
+    for _ in range(12):  # then back off gradually, never beyond the idle poll
+        poll.sleep(3)
+    assert clock.sleeps[0] == 0.375 and clock.sleeps[-1] == 3.0
+    assert all(b / a <= 1.5 + 1e-9 for a, b in pairwise(clock.sleeps))
+    assert sorted(clock.sleeps) == clock.sleeps and clock.sleeps.count(3.0) >= 4
+    clock.sleeps.clear()
+    poll.sleep(0.5)  # waiting for the local reply while a message is served
+    assert clock.sleeps == [0.25]
+    poll.note_activity()
+    poll.sleep(3)
+    assert clock.sleeps[-1] == 0.25  # the next run's messages are picked up at once
+    assert abs(poll.time() - time.time()) < 1.0  # everything else is the real module
+    with pytest.raises(ValueError, match="active <= idle"):
+        AdaptivePoll(1.0, 0.5)
+
+
+def test_supernode_poll_install_hooks_flowers_loop(monkeypatch):
+    import inspect
 
     import flwr
     from flwr.supernode import start_client_internal as sci
 
     from client import supernode_poll
-    from common.errors import FedmergeError
 
-    monkeypatch.setattr(sci, "time", sci.time)  # restored after the test
-    supernode_poll.install(0.05)
-    assert isinstance(sci.time, supernode_poll._CappedSleep)
-    t0 = time.perf_counter()
-    sci.time.sleep(3)  # the SuperNode's idle wait
-    assert time.perf_counter() - t0 < 1.0
-    assert abs(sci.time.time() - time.time()) < 1.0  # everything else is the real module
-    with pytest.raises(ValueError, match="expected seconds"):
-        supernode_poll.install(5)
+    # The patch rests on the loop's shape in the pinned Flower: an empty pull sleeps 3 s, and
+    # both steps are looked up as module globals on every iteration.
+    loop = inspect.getsource(sci.start_client_internal)
+    for part in ("run_id = _pull_and_store_message(", "time.sleep(3)", "_push_messages("):
+        assert part in loop
+    pulled = iter([None, 7])
+    monkeypatch.setattr(sci, "time", sci.time)  # all three restored after the test
+    monkeypatch.setattr(sci, "_pull_and_store_message", lambda **kw: next(pulled))
+    monkeypatch.setattr(sci, "_push_messages", lambda **kw: None)
+    poll = supernode_poll.install(0.05, 2.0, 30.0)
+    assert sci.time is poll and poll.wait_s == 2.0
+    assert sci._pull_and_store_message() is None and poll.last_activity == float("-inf")
+    assert sci._pull_and_store_message() == 7 and poll.wait_s == 0.05
+    before = poll.last_activity
+    sci._push_messages()  # a reply left: the window restarts
+    assert poll.last_activity >= before
+    assert supernode_poll.split_args(
+        ["--active-poll", "0.1", "--idle-poll", "5", "--superlink", "x:1"]
+    ) == ({"active_s": 0.1, "idle_s": 5.0}, ["--superlink", "x:1"])
     monkeypatch.setattr(flwr, "__version__", "1.42.0")
     with pytest.raises(FedmergeError, match="flwr==1.41.0"):
-        supernode_poll.install(0.25)
+        supernode_poll.install()
+
+
+def test_worker_backoff_schedule():
+    from client.clientapp_worker import next_wait
+
+    kw = {"active": 0.05, "idle": 2.0, "window": 60.0}
+    assert next_wait(2.0, 5.0, **kw) == 0.05  # a task 5 s ago: a round is under way
+    waits, w = [], 0.05
+    for _ in range(12):
+        w = next_wait(w, 61.0, **kw)
+        waits.append(w)
+    assert waits[0] == pytest.approx(0.075) and waits[-1] == 2.0 and sorted(waits) == waits
+    assert next_wait(2.0, float("inf"), **kw) == 2.0
+
+
+def test_worker_polls_fast_after_a_task_then_backs_off(monkeypatch):
+    from types import SimpleNamespace
+
+    from client import clientapp_worker as cw
+
+    clock = _FakeClock()
+    monkeypatch.setattr(cw, "time", SimpleNamespace(monotonic=clock))
+    worker = cw.ClientAppWorker("127.0.0.1:1", poll_interval=0.05, idle_poll_interval=1.0,
+                                active_window=0.5)
+    tokens = iter([None, None, "token", *[None] * 20])
+
+    def acquire(client):
+        token = next(tokens, None)
+        if token is None and clock.sleeps and len(clock.sleeps) >= 22:
+            worker.stop_event.set()
+        return token
+
+    ran = []
+    monkeypatch.setattr(worker, "_client", lambda token: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(worker, "_acquire", acquire)
+    monkeypatch.setattr(worker, "run_one", lambda token: ran.append(token) or SimpleNamespace(
+        message_type="train", run_id=1, handler_s=0.0, pulled_s=0.0, pushed_s=0.0))
+    monkeypatch.setattr(worker.stop_event, "wait", clock.sleep)
+    worker.serve()
+    assert ran == ["token"]
+    assert clock.sleeps[:2] == [1.0, 1.0]  # idle before the task
+    after = clock.sleeps[2:]
+    assert after[:10] == [0.05] * 10  # the window after the task
+    assert after[-1] == 1.0 and sorted(after) == after
+
+
+def test_worker_stops_the_task_heartbeat_before_the_token_ends(monkeypatch):
+    """A heartbeat after push_task_output gets 401, on which Flower's retry SIGINTs its own
+    process: in the persistent worker that stopped the worker and hung the node."""
+    from types import SimpleNamespace
+
+    from flwr.supercore import heartbeat as hb
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    from client import clientapp_worker as cw
+
+    events = []
+
+    class Sender:
+        def __init__(self, fn):
+            self.running = False
+
+        def start(self):
+            self.running = True
+
+        @property
+        def is_running(self):
+            return self.running
+
+        def stop(self):
+            assert self.running
+            self.running = False
+            events.append("heartbeat stopped")
+
+    message = SimpleNamespace(metadata=SimpleNamespace(message_type="query", group_id="policy"))
+    run = SimpleNamespace(run_id=1, fab_id=cw.FEDMERGE_FAB_ID)
+    monkeypatch.setattr(hb, "HeartbeatSender", Sender)
+    monkeypatch.setattr(hb, "make_task_heartbeat_fn_http", lambda client: None)
+    monkeypatch.setattr(rc, "pull_task_input", lambda client: (message, "ctx", run, None))
+    monkeypatch.setattr(rc, "push_message", lambda *a: events.append("reply pushed"))
+    monkeypatch.setattr(rc, "push_task_output", lambda *a: events.append("task finished"))
+    worker = cw.ClientAppWorker("127.0.0.1:1", app_loader=lambda: lambda **kw: "reply")
+    monkeypatch.setattr(worker, "_client", lambda token: SimpleNamespace(close=lambda: None))
+    worker.stats_path = None
+    rec = worker.run_one("token")
+    assert rec.ok and events == ["reply pushed", "heartbeat stopped", "task finished"]
+
+
+def test_a_refused_task_heartbeat_does_not_stop_the_worker(monkeypatch):
+    """`flwr stop` makes the SuperNode refuse the running task's heartbeats; Flower's own
+    heartbeat then raises SIGINT, which stopped the whole worker (the node wedged)."""
+    import signal
+
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
+
+    from client.clientapp_worker import task_heartbeat_fn
+
+    raised = []
+    monkeypatch.setattr(signal, "raise_signal", raised.append)
+
+    class RefusingClient:
+        def SendTaskHeartbeat(self, request):  # noqa: N802 - Flower's method name
+            return SendTaskHeartbeatResponse(success=False)
+
+    assert task_heartbeat_fn(RefusingClient())() is True
+    assert raised == []
+    # Flower's own function, for contrast: it signals the process.
+    from flwr.supercore.heartbeat import make_task_heartbeat_fn_http
+
+    make_task_heartbeat_fn_http(RefusingClient())()
+    assert raised == [signal.SIGINT]

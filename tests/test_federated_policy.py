@@ -96,9 +96,16 @@ def test_recipe_from_run_config_and_validation():
         TuningRecipe(parent_a="/nope/a", parent_b="/nope/b").with_fingerprints()
 
 
-def test_secagg_threshold_mirrors_flower():
+def test_secagg_threshold_meets_every_sites_guard():
+    """The recipe's fraction, raised to a strict majority and to min_sites: what the sites'
+    SecAgg+ guards accept by default."""
     s = SecAggSettings()
-    assert s.threshold_for(3) == 2 and s.threshold_for(4) == 3 and s.threshold_for(5) == 3
+    assert [s.threshold_for(n) for n in (3, 4, 5, 10, 25, 50)] == [3, 3, 3, 7, 17, 34]
+    assert s.threshold_for(4, min_sites=4) == 4
+    assert [s.shares_for(n) for n in (3, 10)] == [3, 10]
+    assert SecAggSettings(num_shares=0.5).shares_for(10) == 5  # odd below the site count
+    with pytest.raises(FedmergeError, match="exceeds 5 shares"):
+        SecAggSettings(num_shares=0.5).threshold_for(10)
     with pytest.raises(ValueError, match="must exceed 2"):
         SecAggSettings(num_shares=2)
     with pytest.raises(ValueError, match=r"\(0\.5, 1\]"):

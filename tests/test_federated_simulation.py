@@ -149,10 +149,12 @@ def test_refusals_and_dropout_reach_the_report(sim):
     allowed = {"0", "1", "2", "8", "11", "20", "256", "10000"}
     for r in report["refusals"]:
         assert set(re.findall(r"\d+", r["reason"])) <= allowed, r
-    dropped = {d["site"] for d in report["dropouts"]}
-    assert dropped == {"site-3"}
-    assert len(report["dropouts"]) == len(report["rounds"])  # it failed every round
-    assert all(r["failed"] == ["site-3"] for r in report["rounds"])
+    # Site 3 failed inside round 1's SecAgg+ exchange: it is reported once and then left out
+    # (a failed site is never asked again), and round 1 still summed the other three.
+    assert [(d["site"], d["round"]) for d in report["dropouts"]] == [("site-3", 1)]
+    assert report["rounds"][0]["failed"] == ["site-3"]
+    assert all(r["failed"] == [] for r in report["rounds"][1:])
+    assert all(r["sites"] == ["site-0", "site-1", "site-2"] for r in report["rounds"])
 
 
 def test_server_received_nothing_per_site_in_the_clear(sim, central):
@@ -193,7 +195,8 @@ def test_server_received_nothing_per_site_in_the_clear(sim, central):
                     assert arr.shape != p.shape or not np.array_equal(arr, p)
         if "fedmerge" in content.config_records:
             reply = json.loads(content.config_records["fedmerge"]["fedmerge.reply"])
-            assert set(reply) == {"site", "accepted"}
+            # A policy acceptance, or scoring progress: names and candidate counts only.
+            assert set(reply) in ({"site", "accepted"}, {"site", "round", "done", "total"})
     assert masked_seen >= 2 * len(GOOD)
 
 

@@ -7,21 +7,20 @@ masks and the encoding are the real ones. The Ray-based simulation test covers t
 
 from __future__ import annotations
 
-import copy
-import uuid
-
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
-from flwr.app.error import Error
-from flwr.clientapp import ClientApp
+from flwr.app import Context, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.serverapp import Grid
+from secagg_support import (  # noqa: F401 (task_identity: autouse fixture)
+    BINS,
+    LoopbackGrid,
+    fixed_instructions,
+    fixed_site_app,
+    random_hists,
+    task_identity,
+)
 
-from client.client_app import histogram_reply, read_instructions, secure_mod
 from common.errors import FedmergeError
-from common.metrics import HistogramSpec
-from common.protocol import RoundInstructions
 from common.secure_sum import (
     ExactSumSettings,
     decode_sum,
@@ -31,120 +30,24 @@ from server.grid import CoordinatorGrid
 from server.recipe import SecAggSettings
 from server.secagg import secure_round
 
-BINS = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _task_identity():
-    """Messages take their run and sender from TaskIdentity, as run_simulation sets it."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id = 1
-    TaskIdentity.run_id = 1
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    yield
-
-
-class LoopbackGrid(Grid):
-    """Delivers each message synchronously to `apps[node]` with that node's own Context."""
-
-    def __init__(self, apps: dict[int, ClientApp]):
-        self.apps = apps
-        self.contexts = {
-            nid: Context(run_id=1, node_id=nid, node_config={}, state=RecordDict(), run_config={})
-            for nid in apps
-        }
-
-    def set_run(self, run) -> None:
-        pass
-
-    @property
-    def run(self):
-        class _Run:
-            run_id = 1
-
-        return _Run()
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.apps)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            msg = copy.deepcopy(msg)  # a real transport serializes: no shared content objects
-            nid = msg.metadata.dst_node_id
-            try:
-                reply = self.apps[nid](msg, self.contexts[nid])
-            except Exception as exc:  # the runtime turns a raising ClientApp into an error reply
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            reply.metadata.__dict__["_src_node_id"] = nid
-            out.append(reply)
-        return out
-
-
-def _instructions(candidates: int, rnd: int = 1) -> RoundInstructions:
-    return RoundInstructions(
-        round=rnd,
-        stage="tune",
-        recipe_fingerprint="r",
-        parent_fingerprints=("a", "b"),
-        method="linear",
-        candidates=[i / max(candidates - 1, 1) for i in range(candidates)],
-        fold=0,
-        folds=2,
-        histogram=HistogramSpec(bins=BINS, lo=-4, hi=4),
-        sites=3,
-    )
-
-
-def _site_app(hists, fail: bool = False, mod=secure_mod) -> ClientApp:
-    """A ClientApp whose train handler returns fixed histograms the real way."""
-    app = ClientApp(mods=[mod])
-
-    @app.train()
-    def train(msg, context):
-        assert read_instructions(msg).round >= 1
-        if fail:
-            raise RuntimeError("site dropped")
-        return histogram_reply(msg, hists, BINS)
-
-    return app
-
-
-def _random_hists(rng, candidates: int, high: int):
-    return [
-        (rng.integers(0, high, BINS, dtype=np.int64), rng.integers(0, high, BINS, dtype=np.int64))
-        for _ in range(candidates)
-    ]
-
 
 def _ctx():
     return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
 
 
 def _run(site_hists, failing=(), settings=SecAggSettings(timeout=5.0), candidates=3):
-    apps = {100 + i: _site_app(h, fail=i in failing) for i, h in enumerate(site_hists)}
+    apps = {100 + i: fixed_site_app(h, fail=i in failing) for i, h in enumerate(site_hists)}
     grid = CoordinatorGrid(LoopbackGrid(apps))
     out = secure_round(
-        grid, _ctx(), node_ids=list(apps), instructions=_instructions(candidates), settings=settings
+        grid, _ctx(), node_ids=list(apps), instructions=fixed_instructions(candidates),
+        settings=settings,
     )
     return out, grid, list(apps)
 
 
 def test_sum_is_exact_up_to_the_clipping_range():
     rng = np.random.default_rng(0)
-    sites = [_random_hists(rng, 3, 1000) for _ in range(4)]
+    sites = [random_hists(rng, 3, 1000) for _ in range(4)]
     sites[0][0][0][3] = ExactSumSettings().max_count  # the largest count that is not clipped
     out, grid, nodes = _run(sites)
     assert sorted(out.contributors) == nodes and not out.failures
@@ -170,7 +73,7 @@ def test_sum_is_exact_up_to_the_clipping_range():
 
 def test_dropped_site_sum_of_survivors():
     rng = np.random.default_rng(1)
-    sites = [_random_hists(rng, 2, 50) for _ in range(5)]
+    sites = [random_hists(rng, 2, 50) for _ in range(5)]
     out, _, nodes = _run(sites, failing={1, 3}, candidates=2)
     assert out.contributors == [nodes[0], nodes[2], nodes[4]]
     assert set(out.failures) == {nodes[1], nodes[3]}
@@ -183,9 +86,9 @@ def test_dropped_site_sum_of_survivors():
 
 def test_below_threshold_fails_with_a_clear_message():
     rng = np.random.default_rng(2)
-    sites = [_random_hists(rng, 1, 9) for _ in range(5)]
+    sites = [random_hists(rng, 1, 9) for _ in range(5)]
     with pytest.raises(
-        FedmergeError, match=r"secure aggregation halted.*threshold 3.*site dropped"
+        FedmergeError, match=r"secure aggregation halted.*threshold 3.*site:handler-failed"
     ):
         _run(sites, failing={0, 1, 2}, candidates=1)
 
@@ -199,7 +102,7 @@ def test_upstream_masks_on_one_side_break_the_sum():
 
     mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
     rng = np.random.default_rng(3)
-    sites = [_random_hists(rng, 1, 9) for _ in range(3)]
+    sites = [random_hists(rng, 1, 9) for _ in range(3)]
     secure_masks.install()
     original = mod.pseudo_rand_gen
 
@@ -212,14 +115,14 @@ def test_upstream_masks_on_one_side_break_the_sum():
         finally:
             mod.pseudo_rand_gen = original
 
-    apps = {100 + i: _site_app(h, mod=weak_mod) for i, h in enumerate(sites)}
+    apps = {100 + i: fixed_site_app(h, mod=weak_mod) for i, h in enumerate(sites)}
     grid = CoordinatorGrid(LoopbackGrid(apps))
     with pytest.raises(FedmergeError, match="not an exact non-negative integer sum"):
         secure_round(
             grid,
             _ctx(),
             node_ids=list(apps),
-            instructions=_instructions(1),
+            instructions=fixed_instructions(1),
             settings=SecAggSettings(timeout=5.0),
         )
 

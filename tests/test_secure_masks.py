@@ -23,10 +23,28 @@ def test_install_replaces_every_call_site():
 
     assert secaggplus_mod.__globals__["pseudo_rand_gen"] is crypto_rand_gen
     assert SecAggPlusWorkflow.unmask_stage.__globals__["pseudo_rand_gen"] is crypto_rand_gen
-    # The client mod fedmerge registers installs it too (it may run in a fresh process).
-    from client.client_app import app, secure_mod
+    # The SecAgg+ guard of fedmerge's ClientApp installs it too (it may run in a fresh
+    # process): undo the patch, send the app one SecAgg+ message, and it is back.
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.app.message_type import MessageType
 
-    assert secure_mod in app._mods
+    from client.client_app import app
+
+    for name in PATCHED_MODULES:
+        importlib.import_module(name).pseudo_rand_gen = secure_masks.UPSTREAM["pseudo_rand_gen"]
+    assert not installed()
+    ctx = Context(
+        run_id=1, node_id=7, state=RecordDict(), run_config={},
+        node_config={"data": "synthetic:", "parent-a": "/a", "parent-b": "/b"},
+    )
+    msg = Message(
+        RecordDict({"secaggplus_configs": ConfigRecord({"stage": "setup"})}),
+        dst_node_id=7, message_type=MessageType.TRAIN, group_id="1",
+    )
+    msg.metadata.__dict__["_message_id"] = "m1"
+    reply = app(msg, ctx)
+    assert reply.has_error()  # a setup without its numbers is refused ...
+    assert installed()  # ... after the masks were installed
 
 
 def test_masks_differ_from_upstream_and_use_the_whole_seed():
