@@ -25,6 +25,7 @@ from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
 from client.node_config import NodeConfig, parse_node_config, simulated_node_config
+from client.policy import RULES
 from client.secagg_guard import GuardPolicy, checked_secaggplus_mod
 from common.errors import FedmergeError
 from common.protocol import (
@@ -110,9 +111,11 @@ def handle_announcement(msg: Message, context: Context, cfg: NodeConfig) -> Mess
         log.exception("announcement: this node cannot load its data or parents")
         return _refuse(msg, site, "site:data-unavailable")
     if reason:
+        log.info("announcement refused: %s (%s)", reason, RULES.get(reason, ""))
         return _refuse(msg, site, reason)
+    # What was accepted, whole: every round is held to it (and counted against the policy).
     context.state.config_records[ACCEPTED_RECORD] = ConfigRecord(
-        {"recipe": ann.recipe_fingerprint, "site": site}
+        {"site": site, "announcement": ann.model_dump_json(), "rounds": 0}
     )
     reply = PolicyReply(site=site).model_dump_json()
     return Message(RecordDict({RECORD_NAME: ConfigRecord({REPLY_KEY: reply})}), reply_to=msg)
@@ -183,14 +186,19 @@ def handle_score(msg: Message, context: Context, cfg: NodeConfig) -> Message:
             reason = check_round(
                 cfg,
                 instr,
-                accepted_recipe=str(accepted["recipe"]) if accepted is not None else None,
-                sites_in_round=instr.sites,
+                accepted=(
+                    Announcement.model_validate_json(str(accepted["announcement"]))
+                    if accepted is not None else None
+                ),
+                rounds_so_far=int(accepted["rounds"]) if accepted is not None else 0,
             )
         except FedmergeError:
             log.exception("round %s: policy check failed", instr.round)
             return _refuse(msg, site, "site:data-unavailable")
         if reason:
+            log.info("round %s refused: %s (%s)", instr.round, reason, RULES.get(reason, ""))
             return _refuse(msg, site, reason)
+        accepted["rounds"] = int(accepted["rounds"]) + 1
         # A new round: whatever an earlier round left is dropped, released or not.
         context.state.array_records[SCORED_ARRAYS] = ArrayRecord()
         meta = ConfigRecord({"digest": digest, "round": instr.round, "done": 0, "spent": False})

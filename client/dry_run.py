@@ -98,6 +98,16 @@ def dry_run(node_file: str | Path, *, folds: int = 2, fold_seed: int = 0) -> Dry
     cfg = parse_node_config(values, source=str(node_file))
     warnings: list[str] = []
     conn = nf.connection
+    if conn.app_source == "fab":
+        warnings.append(
+            "connection.app_source: fab runs the app the coordinator ships through the "
+            "SuperLink, not the fedmerge installed and reviewed here (use 'installed')"
+        )
+    if conn.isolation == "subprocess":
+        warnings.append(
+            "connection.isolation: subprocess starts Flower's own executor, which runs the "
+            "coordinator-shipped app in a new process per message (use 'process')"
+        )
     ca_subject, ca_not_after = _check_ca(conn.root_certificates)
     key_fp = _check_node_key(conn.auth_private_key, warnings)
 

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.errors import FedmergeError, validation_error
+from common.metrics import HistogramSpec
 
 FAULT_PATTERN = (
     r"^(|drop|fail:(score|setup|share_keys|collect_masked_vectors|unmask)"
@@ -22,17 +23,33 @@ FAULT_PATTERN = (
 
 
 class SitePolicy(BaseModel):
-    """What a site refuses, checked before anything is scored."""
+    """What a site refuses, checked before anything is scored (rules in `client.policy`).
 
-    model_config = ConfigDict(frozen=True)
+    Read strictly: an unknown key (a typo such as `min_site`) is an error, never a silently
+    applied default.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     # Fewer sites make a sum close to one site's own numbers.
     min_sites: int = Field(default=3, ge=2)
     # Histograms of very few patients reveal too much, even summed.
     min_cohort: int = Field(default=20, ge=1)
     min_positives: int = Field(default=5, ge=0)
-    # Caps the compute any coordinator can ask for in one round.
-    max_candidates: int = Field(default=32, ge=1)
+    # Caps the compute any coordinator can ask for in one round, and rounds in one run.
+    max_candidates: int = Field(default=32, ge=1, le=1024)
+    max_rounds: int = Field(default=16, ge=1, le=1000)
+    # Pinned: what may shape a release is the site's choice, not the coordinator's.
+    methods: tuple[Literal["slerp", "linear"], ...] = ("slerp", "linear")
+    folds: int = Field(default=2, ge=2, le=10)
+    fold_seed: int = 0
+    score_folds: tuple[int, ...] = (0, 1)
+    histogram: HistogramSpec = HistogramSpec()
+    # Prompt templates this site scores: None is the paper's wording.
+    templates: tuple[str | None, ...] = (None,)
+    allow_chat_template: bool = False
+    max_patient_tokens: int = Field(default=2048, ge=8, le=32768)
+    max_batch_tokens: int = Field(default=65536, ge=64, le=1 << 22)
 
 
 class SimulatedSplit(BaseModel):
@@ -49,7 +66,7 @@ class SimulatedSplit(BaseModel):
 class NodeConfig(BaseModel):
     """One hospital node."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     # The name the coordinator's report shows; a simulated node defaults to its split's label.
     site: str | None = Field(default=None, min_length=1)
@@ -83,7 +100,60 @@ POLICY_KEYS = {
     "min-cohort": "min_cohort",
     "min-positives": "min_positives",
     "max-candidates": "max_candidates",
+    "max-rounds": "max_rounds",
+    "methods": "methods",  # comma list
+    "folds": "folds",
+    "fold-seed": "fold_seed",
+    "score-folds": "score_folds",  # comma list
+    "bins": "histogram.bins",
+    "lo": "histogram.lo",
+    "hi": "histogram.hi",
+    "templates": "templates",  # JSON list; null is the paper's wording
+    "allow-chat-template": "allow_chat_template",
+    "max-patient-tokens": "max_patient_tokens",
+    "max-batch-tokens": "max_batch_tokens",
 }
+_LIST_KEYS = {"methods", "score-folds"}
+
+
+def _policy_from_flat(flat: Mapping[str, object], source: str) -> dict[str, object]:
+    """Flower's flat `--node-config` policy keys -> SitePolicy fields."""
+    import json
+
+    out: dict[str, object] = {}
+    for key, value in flat.items():
+        field = POLICY_KEYS[key]
+        if key in _LIST_KEYS and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif key == "templates" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise FedmergeError(
+                    f"{source}: key 'templates': expected a JSON list of strings or null"
+                ) from None
+        head, _, sub = field.partition(".")
+        if sub:
+            out.setdefault(head, {})[sub] = value  # type: ignore[index]
+        else:
+            out[head] = value
+    return out
+
+
+def policy_to_flat(policy: SitePolicy) -> dict[str, object]:
+    """SitePolicy -> the flat keys `parse_node_config` reads (the inverse of the above)."""
+    import json
+
+    out: dict[str, object] = {}
+    for key, field in POLICY_KEYS.items():
+        head, _, sub = field.partition(".")
+        value = getattr(getattr(policy, head), sub) if sub else getattr(policy, head)
+        if key in _LIST_KEYS:
+            value = ",".join(str(v) for v in value)
+        elif key == "templates":
+            value = json.dumps(list(value))
+        out[key] = value
+    return out
 _SIM_KEYS = {"split": "split", "sim-sites": "sites", "sim-index": "index", "split-seed": "seed"}
 _FLOWER_KEYS = {"partition-id", "num-partitions"}
 
@@ -99,14 +169,14 @@ def parse_node_config(
         if key in NODE_KEYS:
             fields[NODE_KEYS[key]] = value
         elif key in POLICY_KEYS:
-            policy[POLICY_KEYS[key]] = value
+            policy[key] = value
         elif key in _SIM_KEYS:
             sim[_SIM_KEYS[key]] = value
         elif key not in _FLOWER_KEYS:
             expected = ", ".join(sorted([*NODE_KEYS, *POLICY_KEYS, *_SIM_KEYS]))
             raise FedmergeError(f"{source}: unknown key '{key}' (expected one of {expected})")
     if policy:
-        fields["policy"] = policy
+        fields["policy"] = _policy_from_flat(policy, source)
     if sim:
         fields["simulated"] = sim
     try:
@@ -121,8 +191,14 @@ def simulated_node_config(
     run_config: Mapping[str, object],
     parents: tuple[Path, Path],
 ) -> dict[str, object]:
-    """The node config a partition of a `flwr run` simulation gets from the run's settings."""
-    return {
+    """The node config a partition of a simulation gets from the run's settings.
+
+    Simulated hospitals are the researcher's own, so their policy pins what the run uses
+    (histogram spec, fold seed, prompt) instead of the deployment defaults.
+    """
+    import json
+
+    node: dict[str, object] = {
         "data": str(run_config.get("data") or "synthetic:"),
         "parent-a": str(parents[0]),
         "parent-b": str(parents[1]),
@@ -131,3 +207,11 @@ def simulated_node_config(
         "sim-index": int(partition_id),
         "split-seed": int(run_config.get("split-seed", 0) or 0),
     }
+    for key in ("bins", "lo", "hi", "fold-seed"):
+        if run_config.get(key) not in (None, ""):
+            node[key] = run_config[key]
+    if run_config.get("template"):
+        node["templates"] = json.dumps([None, str(run_config["template"])])
+    if run_config.get("use-chat-template"):
+        node["allow-chat-template"] = True
+    return node

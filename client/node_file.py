@@ -155,7 +155,7 @@ def resolve_data_spec(spec: str, base: Path) -> str:
 
 def to_flower_node_config(cfg) -> dict[str, Any]:
     """NodeConfig to the `--node-config` keys `client.node_config.parse_node_config` reads."""
-    from client.node_config import NODE_KEYS, POLICY_KEYS, NodeConfig
+    from client.node_config import NODE_KEYS, NodeConfig, policy_to_flat
 
     defaults = NodeConfig.model_fields
     out: dict[str, Any] = {}
@@ -164,8 +164,7 @@ def to_flower_node_config(cfg) -> dict[str, Any]:
         if value is None or (value == defaults[field].default and field != "device"):
             continue
         out[key] = str(value) if isinstance(value, Path) else value
-    for key, field in POLICY_KEYS.items():
-        out[key] = getattr(cfg.policy, field)
+    out.update(policy_to_flat(cfg.policy))
     return out
 
 

@@ -34,15 +34,18 @@ def check_announcement(cfg: NodeConfig, ann: Announcement) -> tuple[str, str | N
     from client.node_cache import fold_counts, site_records
 
     site, _ = site_records(cfg, ann.scoring.hard)
+    # Folds outside the site's policy are refused before they are even counted: the
+    # coordinator must not learn a site's size by trying folds and seeds.
+    if not set(ann.score_folds) <= set(cfg.policy.score_folds) or (
+        ann.folds, ann.fold_seed) != (cfg.policy.folds, cfg.policy.fold_seed):
+        return site, policy.first_refusal(
+            policy.check_terms(cfg.policy, ann),
+            "policy:fold-not-allowed",
+        )
     counts = {
         f: fold_counts(cfg, f, ann.folds, ann.fold_seed, ann.scoring.hard) for f in ann.score_folds
     }
-    reason = policy.first_refusal(
-        policy.check_sites(cfg.policy, ann.sites),
-        policy.check_count(cfg.policy, ann.max_candidates_per_round),
-        policy.check_parents(own_fingerprints(cfg), ann.parent_fingerprints),
-        policy.check_cohort(cfg.policy, counts),
-    )
+    reason = policy.check_announcement(cfg.policy, ann, own_fingerprints(cfg), counts)
     if reason is None:
         # Load both parents now, inside the announcement's generous timeout: a node that
         # cannot hold them says so before any round, and no round pays for the loading.
@@ -56,20 +59,24 @@ def check_round(
     cfg: NodeConfig,
     instr: RoundInstructions,
     *,
-    accepted_recipe: str | None,
-    sites_in_round: int,
+    accepted: Announcement | None,
+    rounds_so_far: int,
 ) -> str | None:
-    """The first rule this round breaks, or None; re-checked because a coordinator may change
-    its mind between the announcement and a round."""
+    """The first rule this round breaks, or None. The round is held to the announcement the
+    site accepted (a coordinator may change its mind, or send each site something else),
+    then re-checked against the policy on the fold it names."""
     from client.node_cache import fold_counts
 
-    if accepted_recipe is None or accepted_recipe != instr.recipe_fingerprint:
-        return "round does not match the recipe this site accepted"
+    if accepted is None:
+        return "round:differs-from-announcement"
+    if rounds_so_far >= cfg.policy.max_rounds:
+        return "policy:max-rounds"
     counts = {
         instr.fold: fold_counts(cfg, instr.fold, instr.folds, instr.fold_seed, instr.scoring.hard)
     }
     return policy.first_refusal(
-        policy.check_sites(cfg.policy, sites_in_round),
+        policy.check_round_terms(accepted, instr),
+        policy.check_sites(cfg.policy, instr.sites),
         policy.check_candidates(cfg.policy, instr.candidates),
         policy.check_parents(own_fingerprints(cfg), instr.parent_fingerprints),
         policy.check_cohort(cfg.policy, counts),

@@ -240,13 +240,15 @@ def require_checkpoint(path: str | os.PathLike[str], what: str) -> Path:
 
 
 def fingerprint(model_dir: str | os.PathLike[str]) -> str:
-    """SHA-256 identifying a checkpoint by content: config.json and weight files, sorted by name.
+    """SHA-256 identifying a checkpoint by content: config.json, the weight files and the
+    tokenizer's files (vocabulary, tokenizer config with its chat template), sorted by name.
 
     Each file contributes its name, its length and its bytes, so the digest is the same on every
-    machine (no paths, times or permissions) and changes if any weight or config byte does.
+    machine (no paths, times or permissions) and changes if any weight, config or tokenizer byte
+    does: two sites that agree on it score the same prompts with the same model.
     """
     root = Path(model_dir)
-    files = [root / CONFIG_NAME, *weight_files(root)]
+    files = [root / CONFIG_NAME, *weight_files(root), *tokenizer_files(root)]
     index = root / INDEX_NAME
     if index.exists():
         files.append(index)

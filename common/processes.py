@@ -4,6 +4,9 @@ Why process groups: `flower-superlink` spawns `flower-superexec`, which spawns
 `flwr-serverapp`; `flower-supernode` may spawn `flwr-clientapp`s. Killing only the pid we
 started leaves those running (and holding ports). Each command therefore starts in its own
 session, and stopping signals the whole group: SIGTERM, a grace period, then SIGKILL.
+Flower 1.41's `flower-superlink` starts `flower-superexec` in a session of ITS own (out of
+reach of the group's signals; it stops it on SIGTERM, waiting 1 s), so `stop_all` also waits
+for, and if need be kills, every process that was running under the ones it started.
 """
 
 from __future__ import annotations
@@ -75,8 +78,10 @@ class ProcSet:
         return proc
 
     def stop_all(self, grace: float = 5.0) -> None:
-        """SIGTERM every group at once, one shared grace period, then SIGKILL the rest."""
+        """SIGTERM every group at once, one shared grace period, then SIGKILL the rest;
+        returns once every process that ran under them is gone, whatever its group."""
         procs, self.procs = self.procs[::-1], []
+        strays = _descendants([p.pid for p in procs])
         for p in procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGTERM)
@@ -86,12 +91,47 @@ class ProcSet:
                 p.popen.wait(max(0.0, deadline - time.monotonic()))
         for p in procs:
             p.stop(grace=1.0)  # SIGKILLs whatever of the group is left, closes the log
+        _reap(strays, grace)
 
     def __enter__(self) -> ProcSet:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop_all()
+
+
+def _descendants(pids: list[int]) -> list:
+    """The processes running under `pids` now (psutil objects: they know a reused pid)."""
+    import psutil
+
+    found = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            found.extend(psutil.Process(pid).children(recursive=True))
+    return found
+
+
+def _reap(procs: list, grace: float) -> None:
+    """Wait up to `grace` seconds for `procs` to exit (their parents were asked to stop
+    them), SIGKILL whatever is left and wait for that too. A zombie counts as gone."""
+    import psutil
+
+    def running(proc) -> bool:
+        try:
+            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    for kill in (False, True):
+        alive = [p for p in procs if running(p)]
+        for proc in alive if kill else ():
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        deadline = time.monotonic() + grace
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = [p for p in alive if running(p)]
+        procs = alive
 
 
 @contextlib.contextmanager

@@ -23,6 +23,50 @@ RECORD_NAME = "fedmerge"
 # Error code of a policy refusal (distinct from Flower's own codes, which are small).
 REFUSAL_CODE = 4403
 REFUSAL_MARK = "fedmerge-refusal"
+# Every code a site may send instead of an answer, and what it means. Only the code crosses
+# to the coordinator; a site logs the meaning (with its own limits) locally.
+REFUSAL_CODES = {
+    "policy:min-sites": "fewer sites in the round than this site's min_sites",
+    "policy:max-candidates": "more candidates per round than this site's max_candidates",
+    "policy:lambda-range": "a candidate λ outside [0, 1]",
+    "policy:unknown-group": "a candidate names parameter groups other than attention/mlp/other",
+    "policy:parents-differ": "the announced parent SHA-256 differ from this site's copies",
+    "policy:method-not-allowed": "a merge method this site does not allow",
+    "policy:folds-not-allowed": "folds or fold seed other than this site's",
+    "policy:fold-not-allowed": "a fold this site does not allow to be scored",
+    "policy:histogram-not-allowed": "a histogram spec other than the one this site pins",
+    "policy:template-not-allowed": "a prompt template this site does not allow",
+    "policy:scoring-out-of-bounds": "token budgets beyond this site's bounds",
+    "policy:max-rounds": "more rounds in this run than this site allows",
+    "policy:min-cohort": "a fold with fewer stays than this site's min_cohort",
+    "policy:min-positives": "a fold with fewer positives than this site's min_positives",
+    "round:differs-from-announcement": "a round whose terms differ from what this site accepted",
+    "round:not-scored": "a SecAgg+ round for instructions this site has not finished scoring",
+    "round:already-released": "a second SecAgg+ round for instructions already released",
+    "request:malformed": "a request that does not parse as the protocol's message",
+    "score:out-of-order": "a candidate requested out of order within a round",
+    "score:unexpected-progress": "(coordinator) a site's progress reply did not match",
+    "secagg:not-a-secagg-message": "a train message without a SecAgg+ stage",
+    "secagg:stage-out-of-order": "a SecAgg+ stage out of order",
+    "secagg:stale-round": "a SecAgg+ stage of an earlier round",
+    "secagg:setup-malformed": "a SecAgg+ setup without integer sites, shares and threshold",
+    "secagg:too-few-sites": "a SecAgg+ setup with fewer sites than this site's min_sites",
+    "secagg:threshold-below-policy": "a threshold below a strict majority or min_sites, or "
+    "more shares than sites",
+    "secagg:share-keys-invalid": "key sharing without this site or with too few or many sites",
+    "secagg:collect-invalid": "shares forwarded from too few or unknown sites",
+    "secagg:unmask-lists-a-site-twice": "an UNMASK list naming a site twice",
+    "secagg:unmask-active-and-dead": "an UNMASK listing a site as both active and dead",
+    "secagg:unmask-lists-this-site-dead": "an UNMASK listing this site as dead",
+    "secagg:unmask-too-few-active": "an UNMASK with fewer active sites than allowed",
+    "secagg:unmask-unknown-site": "an UNMASK naming sites that never shared keys here",
+    "secagg:protocol-error": "a SecAgg+ message Flower's client mod rejected",
+    "site:data-unavailable": "the site could not load its data or parents (see its log)",
+    "site:scoring-failed": "scoring failed at the site (see its log)",
+    "site:handler-failed": "the site's handler failed (see its log)",
+    "site:failed": "the site failed (test fault injection)",
+}
+
 # A refusal whose code starts with this says the site FAILED (it is a dropout), not that a
 # rule of its policy was broken: "site:scoring-failed", "site:handler-failed", ...
 FAILURE_PREFIX = "site:"
@@ -64,11 +108,13 @@ class RecipeTerms(BaseModel):
 
 
 class Announcement(RecipeTerms):
-    """The policy check sent before any SecAgg+ round: everything a site needs to decide."""
+    """The policy check sent before any round: every field a round of the run may use, so
+    the site decides once, on all of it, and holds each round to exactly this."""
 
     sites: int = Field(ge=1)
     max_candidates_per_round: int = Field(ge=1)
     score_folds: tuple[int, ...]
+    histogram: HistogramSpec = HistogramSpec()
 
 
 class RoundInstructions(RecipeTerms):

@@ -1,4 +1,4 @@
-"""Cryptographic SecAgg+ masks in place of Flower's `pseudo_rand_gen`.
+"""fedmerge's SecAgg+ primitives in place of Flower's: ChaCha20 masks and a fast Shamir.
 
 SecAgg+ hides each hospital's vector behind masks expanded from secret seeds. Flower 1.41's
 expander folds the seed to 32 bits and draws from numpy's Mersenne Twister (flower#7522): a
@@ -6,10 +6,17 @@ server that sees masked vectors could search 2**32 seeds, and MT output is predi
 the whole seed is hashed (SHA-256) into a ChaCha20 key and the keystream gives the mask
 words, so recovering a mask means breaking ChaCha20 or guessing a 256-bit secret.
 
+The seeds and keys themselves are Shamir-shared among the sites. Flower's `create_shares` /
+`combine_shares` (pycryptodome's pure-Python GF(2^128)) were 87% of a 50-site round (~80 s);
+`common.secure_shamir` computes the same shares in the same byte format 30-300x faster
+(the round: ~7.7 s, `bench/secagg_scale.py`). Its shares and Flower's are interchangeable, so
+this swap changes cost, not the protocol.
+
 Both ends of the protocol must expand seeds identically or the masks do not cancel, so the
-replacement is installed where the server workflow and the client mod look the name up. The
-patch targets module globals of one Flower release; on any other release it refuses to run
-instead of silently falling back to the weak generator.
+replacements are installed where the server workflow and the client mod look the names up
+(`pseudo_rand_gen` in both; `create_shares` in the client mod, `combine_shares` in the
+workflow). The patch targets module globals of one Flower release; on any other release it
+refuses to run instead of silently falling back to the weak generator.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import numpy as np
 
 from common.errors import FedmergeError
 from common.flower_runtime import PINNED_FLWR_VERSION
+from common.secure_shamir import combine_shares, create_shares
 
 # Modules whose global `pseudo_rand_gen` the SecAgg+ code calls at run time.
 PATCHED_MODULES = (
@@ -29,8 +37,15 @@ PATCHED_MODULES = (
     "flwr.client.mod.secure_aggregation.secaggplus_mod",
 )
 
+# Module global -> fedmerge's function, per module where Flower's SecAgg+ calls the name.
+SHAMIR_TARGETS = (
+    ("flwr.client.mod.secure_aggregation.secaggplus_mod", "create_shares", create_shares),
+    ("flwr.server.workflow.secure_aggregation.secaggplus_workflow", "combine_shares",
+     combine_shares),
+)
+
 _NONCE = bytes(16)  # one key per seed and one use per key: a fixed nonce is safe
-# Flower's own generator, kept so tests can show ours differs from it.
+# Flower's own functions by name, kept so tests can show ours differ from (or agree with) them.
 UPSTREAM: dict[str, object] = {}
 
 
@@ -68,11 +83,19 @@ def check_flwr_version() -> None:
     """Refuse to run SecAgg+ on a Flower release the patch was not checked against."""
     from common.flower_runtime import check_flwr_version as check
 
-    check("fedmerge's secure-mask patch")
+    check("fedmerge's SecAgg+ patches (masks, Shamir)")
+
+
+def _replacements():
+    """(module name, global name, fedmerge's function) for every SecAgg+ call site."""
+    return [(m, "pseudo_rand_gen", crypto_rand_gen) for m in PATCHED_MODULES] + list(
+        SHAMIR_TARGETS
+    )
 
 
 def install() -> None:
-    """Make Flower's SecAgg+ server workflow and client mod draw masks from `crypto_rand_gen`.
+    """Make Flower's SecAgg+ server workflow and client mod draw masks from `crypto_rand_gen`
+    and share secrets with `common.secure_shamir`.
 
     Idempotent and cheap, so every process that may run SecAgg+ (server thread, Ray actor,
     ClientApp subprocess) calls it before the protocol starts.
@@ -80,22 +103,23 @@ def install() -> None:
     import importlib
 
     check_flwr_version()
-    for name in PATCHED_MODULES:
-        module = importlib.import_module(name)
-        if not hasattr(module, "pseudo_rand_gen"):
+    targets = [(importlib.import_module(m), m, g, fn) for m, g, fn in _replacements()]
+    for module, name, attr, _ in targets:  # all checked before any is patched
+        if not hasattr(module, attr):
             raise FedmergeError(
-                f"{name}: no 'pseudo_rand_gen' to replace (expected flwr=={PINNED_FLWR_VERSION})"
+                f"{name}: no {attr!r} to replace (expected flwr=={PINNED_FLWR_VERSION})"
             )
-        if module.pseudo_rand_gen is not crypto_rand_gen:
-            UPSTREAM.setdefault("pseudo_rand_gen", module.pseudo_rand_gen)
-        module.pseudo_rand_gen = crypto_rand_gen
+    for module, _, attr, fn in targets:
+        current = getattr(module, attr)
+        if current is not fn:
+            UPSTREAM.setdefault(attr, current)
+        setattr(module, attr, fn)
 
 
 def installed() -> bool:
-    """True when every SecAgg+ call site resolves the generator to ours."""
+    """True when every SecAgg+ call site resolves the mask generator and Shamir to ours."""
     import importlib
 
     return all(
-        getattr(importlib.import_module(name), "pseudo_rand_gen", None) is crypto_rand_gen
-        for name in PATCHED_MODULES
+        getattr(importlib.import_module(m), attr, None) is fn for m, attr, fn in _replacements()
     )

@@ -89,7 +89,8 @@ def announce(grid: CoordinatorGrid, recipe: TuningRecipe, node_ids: list[int]):
         Message(content=content, dst_node_id=nid, message_type=MessageType.QUERY, group_id="policy")
         for nid in node_ids
     ]
-    timeout = max(recipe.secagg.timeout, recipe.scoring_timeout())  # loading, hashing parents
+    # Hashing and loading the parents happen here: at least two minutes, more for big ones.
+    timeout = max(recipe.secagg.timeout, 2 * recipe.scoring_timeout(), 120.0)
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
     accepted: dict[int, str] = {}
     refusals: list[dict[str, str]] = []

@@ -180,6 +180,7 @@ class TuningRecipe(BaseModel):
             sites=sites,
             max_candidates_per_round=self.search.max_candidates_per_round,
             score_folds=(self.tune_fold, self.test_fold),
+            histogram=self.histogram,
         )
 
     def round_instructions(

@@ -78,12 +78,6 @@ def run_simulation(
             f"simulation: {len(names)} sites from {data} (split {split}); expected at least 3 "
             "(SecAgg+ and the site policy need three)"
         )
-    run_keys = {"data": data, "split": split, "split-seed": split_seed}
-    overrides: dict[int, dict[str, object]] = {}
-    for i in range(len(names)):
-        node = simulated_node_config(i, len(names), run_keys, parents)
-        node.update((node_overrides or {}).get(i, {}))
-        overrides[i] = node
     fields: dict[str, object] = {
         "parent_a": str(parents[0]),
         "parent_b": str(parents[1]),
@@ -96,6 +90,17 @@ def run_simulation(
         else:
             fields[key] = value
     recipe = validate_recipe(fields, source="simulation recipe")
+    run_keys = {
+        "data": data, "split": split, "split-seed": split_seed,
+        "bins": recipe.histogram.bins, "lo": recipe.histogram.lo, "hi": recipe.histogram.hi,
+        "fold-seed": recipe.fold_seed, "template": recipe.scoring.template or "",
+        "use-chat-template": recipe.scoring.use_chat_template,
+    }
+    overrides: dict[int, dict[str, object]] = {}
+    for i in range(len(names)):
+        node = simulated_node_config(i, len(names), run_keys, parents)
+        node.update((node_overrides or {}).get(i, {}))
+        overrides[i] = node
     sink: dict = {}
     server_app = make_server_app(
         recipe, out, expected_sites=len(names), on_event=on_event, sink=sink

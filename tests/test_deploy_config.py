@@ -390,3 +390,27 @@ def test_a_refused_task_heartbeat_does_not_stop_the_worker(monkeypatch):
 
     make_task_heartbeat_fn_http(RefusingClient())()
     assert raised == [signal.SIGINT]
+
+
+def test_dry_run_warns_about_coordinator_shipped_code(node_file, tmp_path):
+    raw = yaml.safe_load(node_file.read_text())
+    raw["connection"].update(app_source="fab", isolation="subprocess")
+    for key in ("root_certificates", "auth_private_key"):
+        raw["connection"][key] = str(node_file.parent / raw["connection"][key])
+    raw["node"]["data"] = f"jsonl:{node_file.parent / 'site.jsonl'}"
+    risky = tmp_path / "node.yaml"
+    risky.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["node", "dry-run", str(risky), "--json"])
+    assert res.exit_code == 0, res.output
+    warnings = json.loads(res.output[res.output.index("{"):])["warnings"]
+    assert any("app_source: fab" in w for w in warnings)
+    assert any("isolation: subprocess" in w for w in warnings)
+
+
+def test_a_policy_typo_is_an_error_not_a_default(node_file):
+    raw = yaml.safe_load(node_file.read_text())
+    raw["node"]["policy"] = {"min_site": 5}
+    node_file.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["node", "dry-run", str(node_file)])
+    assert isinstance(res.exception, FedmergeError)
+    assert "field 'node.policy.min_site': Extra inputs are not permitted" in str(res.exception)

@@ -42,7 +42,8 @@ def _node_configs(parents, sites=3, data=DATA, **extra):
     return {
         100 + i + 1: {
             "data": data, "parent-a": str(a), "parent-b": str(b), "split": "region",
-            "sim-sites": sites, "sim-index": i, "min-cohort": 5, "min-positives": 1, **extra,
+            "sim-sites": sites, "sim-index": i, "min-cohort": 5, "min-positives": 1,
+            "bins": BINS, "lo": -4.0, "hi": 4.0, **extra,
         }
         for i in range(sites)
     }

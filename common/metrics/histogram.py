@@ -18,7 +18,7 @@ from common.errors import FedmergeError
 class HistogramSpec(BaseModel):
     """Equal-width bins over [lo, hi) in log-odds; every site must use the same spec."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     bins: int = Field(default=2048, ge=1)
     lo: float = -16.0

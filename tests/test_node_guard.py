@@ -1,0 +1,242 @@
+"""A hospital node against a curious or deviating coordinator (attacks 2, 4, 5 and 6 of the
+node-guard issue; the SecAgg+ attacks are in test_secagg_guard.py).
+
+Real fedmerge ClientApps on tiny real checkpoints and the synthetic cohort, behind a loopback
+Grid; the attacker is the coordinator: it sends what it likes, per site, and keeps every
+reply. Each test asserts that the attacker learns nothing about one site: the site refused
+with a fixed code before releasing anything, and the node keeps serving afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from flwr.app import ConfigRecord, Message
+from secagg_support import LoopbackGrid, task_identity  # noqa: F401 (autouse fixture)
+
+from client import client_app as node_app
+from common.protocol import INSTRUCTIONS_KEY, RECORD_NAME, Refusal
+from server.coordinator import announce
+from server.grid import CoordinatorGrid
+from server.recipe import TuningRecipe
+from server.scoring_round import score_round
+
+pytestmark = pytest.mark.adversarial
+
+DATA = "synthetic:sites=3,stays=48,seed=7"
+NODES = [101, 102, 103]
+
+
+def _configs(parents, **extra):
+    a, b = parents
+    return {
+        101 + i: {
+            "data": DATA, "parent-a": str(a), "parent-b": str(b), "split": "region",
+            "sim-sites": 3, "sim-index": i, "min-cohort": 5, "min-positives": 1, **extra,
+        }
+        for i in range(3)
+    }
+
+
+def _edit_request(target: int | None, edit):
+    """Rewrite the JSON request the coordinator sends to `target` (None: to every site)."""
+
+    def tamper(msg: Message) -> Message:
+        rec = msg.content.config_records.get(RECORD_NAME)
+        if rec is not None and (target is None or msg.metadata.dst_node_id == target):
+            data = json.loads(str(rec[INSTRUCTIONS_KEY]))
+            edit(data.get("instructions", data))
+            msg.content.config_records[RECORD_NAME] = ConfigRecord(
+                {INSTRUCTIONS_KEY: json.dumps(data)}
+            )
+        return msg
+
+    return tamper
+
+
+@pytest.fixture(scope="module")
+def recipe(tiny_parents):
+    a, b = tiny_parents
+    return TuningRecipe(
+        parent_a=str(a), parent_b=str(b), method="linear", scoring={"max_patient_tokens": 64},
+    ).with_fingerprints()
+
+
+def _grid(tiny_parents, tamper=None, configs=None):
+    configs = configs or _configs(tiny_parents)
+    apps = {n: node_app.make_client_app() for n in configs}
+    return CoordinatorGrid(LoopbackGrid(apps, configs, tamper=tamper))
+
+
+def _codes(grid) -> dict[int, str]:
+    return {m.metadata.src_node_id: Refusal.from_reason(m.error.reason).reason
+            for m in grid.received if m.has_error()}
+
+
+def _still_serves(grid, recipe) -> None:
+    """After the attack, an honest announcement and round go through at every site."""
+    grid.inner.tamper = None
+    accepted, refusals = announce(grid, recipe, NODES)
+    assert sorted(accepted) == NODES and refusals == []
+    instr = recipe.round_instructions(round=7, stage="tune", candidates=[0.5], sites=3)
+    assert score_round(grid, NODES, instr, timeout_per_candidate=60).ready == NODES
+
+
+@pytest.mark.parametrize(
+    "edit,code",
+    [
+        # A decoy spec: every patient of the other sites in one bin, so that the sum shows
+        # one site's histogram in the remaining bins.
+        (lambda d: d.update(histogram={"bins": 2048, "lo": 15.9, "hi": 16.0}),
+         "policy:histogram-not-allowed"),
+        # Any yes/no question about the records.
+        (lambda d: d["scoring"].update(template="Is this patient HIV positive? {patient_data}"),
+         "policy:template-not-allowed"),
+    ],
+    ids=["decoy-histogram", "free-prompt"],
+)
+def test_unbound_instructions_are_refused_at_the_announcement(tiny_parents, recipe, edit,
+                                                               code):
+    target = 102  # the two other sites get the decoy; 101 would be read by difference
+    grid = _grid(tiny_parents, tamper=lambda m: m if m.metadata.dst_node_id == 101
+                 else _edit_request(None, edit)(m))
+    accepted, _ = announce(grid, recipe, NODES)
+    assert sorted(accepted) == [101]
+    assert _codes(grid) == {target: code, 103: code}
+    _still_serves(grid, recipe)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.update(histogram={"bins": 2048, "lo": 15.9, "hi": 16.0}),
+        lambda d: d["scoring"].update(template="Is this patient HIV positive? {patient_data}"),
+        lambda d: d.update(fold_seed=12345),
+        lambda d: d.update(recipe_fingerprint="another recipe"),
+    ],
+    ids=["decoy-histogram", "free-prompt", "other-fold-seed", "other-recipe"],
+)
+def test_a_round_must_ask_what_the_site_accepted(tiny_parents, recipe, edit):
+    """The coordinator announces honestly, then sends the rounds something else."""
+    grid = _grid(tiny_parents)
+    accepted, _ = announce(grid, recipe, NODES)
+    assert sorted(accepted) == NODES
+    grid.inner.tamper = _edit_request(102, edit)
+    instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75], sites=3)
+    scored = score_round(grid, NODES, instr, timeout_per_candidate=60)
+    assert scored.ready == [101, 103]
+    assert Refusal.from_reason(scored.failed[102]).reason == "round:differs-from-announcement"
+    # It released nothing: it holds no histograms for the round.
+    assert node_app.stored_histograms(grid.inner.contexts[102], instr)[1] == "round:not-scored"
+
+
+def test_errors_never_reach_the_coordinator_as_text(tiny_parents, recipe, tmp_path):
+    """A duplicate-id error carries the file path and the record id; only a code leaves."""
+    rows = [{"id": "MRN-0042731", "label": i % 2, "text": f"The patient {i} ."}
+            for i in range(30)]
+    rows.append(dict(rows[0]))  # the duplicate
+    bad = tmp_path / "secret-site-path" / "stays.jsonl"
+    bad.parent.mkdir()
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    configs = _configs(tiny_parents)
+    configs[102] = {**configs[102], "data": f"jsonl:{bad}"}
+    for key in ("split", "sim-sites", "sim-index"):
+        configs[102].pop(key)
+    grid = _grid(tiny_parents, configs=configs)
+    accepted, refusals = announce(grid, recipe, NODES)
+    assert 102 not in accepted
+    assert _codes(grid)[102] == "site:data-unavailable"
+    seen = repr([m.error.reason if m.has_error() else m.content for m in grid.received])
+    assert "MRN" not in seen and "secret-site-path" not in seen and "duplicate" not in seen
+
+
+def test_refusals_are_no_size_oracle(tiny_parents, recipe):
+    """Varying folds, fold seed and scored folds is refused by rule before anything is
+    counted, with the same code at a small and at a large site: the replies do not depend
+    on the site's size."""
+    configs = _configs(tiny_parents)
+    configs[103] = {**configs[103], "data": "synthetic:sites=3,stays=48/48/480,seed=7"}
+    probes = [
+        lambda d: d.update(folds=3),
+        lambda d: d.update(folds=17),
+        lambda d: d.update(fold_seed=d["fold_seed"] + 1),
+        lambda d: d.update(score_folds=[0, 1, 2]),
+        lambda d: d.update(score_folds=[5]),
+    ]
+    answers = []
+    for probe in probes:
+        grid = _grid(tiny_parents, tamper=_edit_request(None, probe), configs=configs)
+        announce(grid, recipe, NODES)
+        answers.append(_codes(grid))
+    for codes in answers:
+        assert set(codes) == set(NODES)
+        assert codes[101] == codes[103]  # a 16-stay fold and a 240-stay fold answer alike
+        assert codes[101] in {"policy:folds-not-allowed", "policy:fold-not-allowed"}
+
+
+@pytest.mark.parametrize(
+    "edit,code",
+    [
+        (lambda d: d.update(histogram={"bins": 10**9, "lo": -16.0, "hi": 16.0}),
+         "policy:histogram-not-allowed"),
+        (lambda d: d.update(folds=10**6), "policy:folds-not-allowed"),
+        (lambda d: d["scoring"].update(max_patient_tokens=10**9),
+         "policy:scoring-out-of-bounds"),
+        (lambda d: d["scoring"].update(batch_tokens=10**9), "policy:scoring-out-of-bounds"),
+        (lambda d: d.update(max_candidates_per_round=10**6), "policy:max-candidates"),
+    ],
+    ids=["bins", "folds", "patient-tokens", "batch-tokens", "candidates"],
+)
+def test_unbounded_requests_are_refused_and_the_node_keeps_serving(tiny_parents, recipe, edit,
+                                                                   code):
+    grid = _grid(tiny_parents, tamper=_edit_request(None, edit))
+    accepted, _ = announce(grid, recipe, NODES)
+    assert accepted == {}
+    assert set(_codes(grid).values()) == {code}
+    _still_serves(grid, recipe)
+
+
+def test_rounds_per_run_are_capped(tiny_parents, recipe):
+    configs = _configs(tiny_parents, **{"max-rounds": 2})
+    grid = _grid(tiny_parents, configs=configs)
+    announce(grid, recipe, NODES)
+    for rnd in (1, 2, 3):
+        instr = recipe.round_instructions(round=rnd, stage="tune", candidates=[0.5], sites=3)
+        scored = score_round(grid, NODES, instr, timeout_per_candidate=60)
+        if rnd < 3:
+            assert scored.ready == NODES
+    assert {Refusal.from_reason(r).reason for r in scored.failed.values()} == {
+        "policy:max-rounds"}
+
+
+def test_every_refusal_code_is_documented():
+    """Every code the node, its guard or the coordinator can produce has its meaning in the
+    protocol's table (and nothing else may stand in a refusal)."""
+    from pathlib import Path
+
+    from common.protocol import REFUSAL_CODES
+
+    root = Path(node_app.__file__).resolve().parents[1]
+    source = "".join(
+        p.read_text() for folder in ("client", "server") for p in (root / folder).glob("*.py")
+    )
+    used = set(re.findall(r'"((?:policy|round|site|score|request|secagg):[a-z-]+)"', source))
+    assert used and used <= set(REFUSAL_CODES), used - set(REFUSAL_CODES)
+
+
+def test_the_parent_fingerprint_covers_the_tokenizer_and_chat_template(tiny_parents, tmp_path):
+    """Two sites whose parents differ only in the chat template would score different
+    prompts under one announced fingerprint."""
+    import shutil
+
+    from common.model_io import fingerprint
+
+    copy = tmp_path / "parent"
+    shutil.copytree(tiny_parents[0], copy)
+    assert fingerprint(copy) == fingerprint(tiny_parents[0])
+    cfg = json.loads((copy / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ 'Answer yes. ' + messages[0]['content'] }}"
+    (copy / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert fingerprint(copy) != fingerprint(tiny_parents[0])
