@@ -62,11 +62,12 @@ def task_heartbeat_fn(client) -> Callable[[], bool]:
     """The task heartbeat, without Flower's reaction to a refused one.
 
     Flower's own (`make_task_heartbeat_fn_http`) raises SIGINT in this process when the
-    SuperNode refuses a heartbeat, which it does once the run was stopped (`flwr stop`) or
-    the task is gone. In a worker that serves every run of the node, SIGINT meant "stop the
-    worker": one `flwr stop` between two SecAgg+ stages left every hospital with a SuperNode
-    and no one to run its tasks, so each later run failed until the node was restarted.
-    Here a refused heartbeat only ends the heartbeats of that task; the worker serves on.
+    SuperNode answers a heartbeat with "not accepted" (in 1.41: the task is finished or its
+    token is gone). In a worker that serves every run of the node, SIGINT means "stop the
+    worker", which would leave the hospital with a SuperNode and no one to run its tasks.
+    Here such an answer only ends that task's heartbeats; the worker serves on. (A heartbeat
+    rejected with HTTP 401 goes through Flower's retry handler, which signals before this
+    function sees it: `run_one` therefore stops the heartbeat before the task is closed.)
     """
     import httpx
     from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # noqa: I001

@@ -368,8 +368,8 @@ def test_worker_stops_the_task_heartbeat_before_the_token_ends(monkeypatch):
 
 
 def test_a_refused_task_heartbeat_does_not_stop_the_worker(monkeypatch):
-    """`flwr stop` makes the SuperNode refuse the running task's heartbeats; Flower's own
-    heartbeat then raises SIGINT, which stopped the whole worker (the node wedged)."""
+    """A heartbeat the SuperNode does not accept (task finished, token gone) makes Flower's
+    own heartbeat raise SIGINT, which would stop the whole worker; ours does not."""
     import signal
 
     from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
