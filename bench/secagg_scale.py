@@ -84,7 +84,6 @@ import math
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -278,76 +277,23 @@ class _Clock:
 
 
 def loopback_grid(app, node_ids):
-    """An in-process Grid: each message serialized as on the wire and handed synchronously
-    to `app` with that node's own Context; every site's handler time is on the clock."""
-    from flwr.app import Context, Message, RecordDict
-    from flwr.app.error import Error
+    """simulation.loopback_grid's in-process Grid (messages serialized as on the wire), with
+    every site's handler time and the bytes on `grid.clock`."""
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-    from flwr.common.serde import message_from_proto, message_to_proto
-    from flwr.proto.message_pb2 import Message as ProtoMessage
-    from flwr.serverapp import Grid
 
-    def wire(msg: Message) -> tuple[Message, int]:
-        data = message_to_proto(msg).SerializeToString()
-        return message_from_proto(ProtoMessage.FromString(data)), len(data)
+    from simulation.loopback_grid import LoopbackGrid
 
-    class LoopbackGrid(Grid):
-        def __init__(self):
-            self.contexts = {
-                n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
-                for n in node_ids
-            }
-            self.clock = _Clock()
-            self._replies: dict[str, Message] = {}
+    clock = _Clock()
 
-        def set_run(self, run) -> None:
-            pass
+    def on_deliver(msg, seconds: float, nbytes: int) -> None:
+        cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        stage = str(cfg[Key.STAGE]) if cfg is not None else STAGE_PLAIN
+        clock.entries.append((stage, msg.metadata.dst_node_id, seconds))
+        clock.bytes += nbytes
 
-        @property
-        def run(self):
-            class _Run:
-                run_id = 1
-
-            return _Run()
-
-        def create_message(self, *args, **kwargs):
-            raise NotImplementedError
-
-        def get_node_ids(self):
-            return list(self.contexts)
-
-        def deliver(self, msg: Message) -> Message:
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-            stage = str(cfg[Key.STAGE]) if cfg is not None else STAGE_PLAIN
-            nid = msg.metadata.dst_node_id
-            sent, n_out = wire(msg)
-            t0 = time.perf_counter()
-            try:
-                reply = app(sent, self.contexts[nid])
-            except Exception as exc:  # the runtime turns a raising ClientApp into an error
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=sent)
-            reply.metadata.__dict__["_src_node_id"] = nid
-            data = message_to_proto(reply).SerializeToString()
-            self.clock.entries.append((stage, nid, time.perf_counter() - t0))
-            self.clock.bytes += n_out + len(data)
-            return message_from_proto(ProtoMessage.FromString(data))
-
-        def push_messages(self, messages):
-            ids = []
-            for msg in messages:
-                reply = self.deliver(msg)
-                self._replies[reply.metadata.reply_to_message_id] = reply
-                ids.append(reply.metadata.reply_to_message_id)
-            return ids
-
-        def pull_messages(self, message_ids):
-            return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-        def send_and_receive(self, messages, *, timeout=None):
-            return [self.deliver(m) for m in messages]
-
-    return LoopbackGrid()
+    grid = LoopbackGrid({n: app for n in node_ids}, on_deliver=on_deliver)
+    grid.clock = clock
+    return grid
 
 
 def _set_task_identity() -> None:

@@ -1,21 +1,16 @@
-"""Test support for SecAgg+ rounds in one process: a loopback Grid to real ClientApps."""
+"""Test support for SecAgg+ rounds in one process (simulation.loopback_grid): fixed sites."""
 
 from __future__ import annotations
 
-import copy
-import uuid
-
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
-from flwr.app.error import Error
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
 
 from client.client_app import histogram_reply, read_instructions
 from client.secagg_guard import GuardPolicy, checked_secaggplus_mod
 from common.metrics import HistogramSpec
 from common.protocol import RoundInstructions
+from simulation.loopback_grid import LoopbackGrid  # noqa: F401 (re-exported for the tests)
 
 BINS = 16
 SITE_GUARD = checked_secaggplus_mod(lambda context: GuardPolicy(site="site", min_sites=3))
@@ -31,68 +26,6 @@ def task_identity():
     TaskIdentity.run_id = 1
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     yield
-
-
-class LoopbackGrid(Grid):
-    """Delivers each message synchronously to `apps[node]` with that node's own Context."""
-
-    def __init__(self, apps: dict[int, ClientApp], node_configs: dict[int, dict] | None = None,
-                 tamper=None):
-        self.apps = apps
-        self.contexts = {
-            nid: Context(
-                run_id=1, node_id=nid, node_config=dict((node_configs or {}).get(nid, {})),
-                state=RecordDict(), run_config={},
-            )
-            for nid in apps
-        }
-        self._replies: dict[str, Message] = {}
-        # tamper(msg) -> msg: a malicious coordinator rewriting what it sends (or None).
-        self.tamper = tamper
-
-    def set_run(self, run) -> None:
-        pass
-
-    @property
-    def run(self):
-        class _Run:
-            run_id = 1
-
-        return _Run()
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.apps)
-
-    def deliver(self, msg: Message) -> Message:
-        """One message to its node, synchronously; the node's reply."""
-        msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-        msg = copy.deepcopy(msg)  # a real transport serializes: no shared content objects
-        if self.tamper is not None:
-            msg = self.tamper(msg)
-        nid = msg.metadata.dst_node_id
-        try:
-            reply = self.apps[nid](msg, self.contexts[nid])
-        except Exception as exc:  # the runtime turns a raising ClientApp into an error reply
-            reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-        reply.metadata.__dict__["_src_node_id"] = nid
-        return reply
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            reply = self.deliver(msg)
-            self._replies[reply.metadata.reply_to_message_id] = reply
-            ids.append(reply.metadata.reply_to_message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return [self.deliver(msg) for msg in messages]
 
 
 def fixed_instructions(candidates: int, rnd: int = 1) -> RoundInstructions:

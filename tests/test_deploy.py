@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from deploy_support import alive, descendants, node_file, write_cohort
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
@@ -27,49 +28,6 @@ RECIPE = {
 }
 
 
-def _write_cohort(root: Path) -> tuple[Path, list[Path], list[str]]:
-    """One JSONL per hospital plus their union (for the simulation's region split)."""
-    from common.data import load_records
-    from common.data.splits import split_records, write_site_files
-
-    names, parts = split_records(load_records(COHORT), "region", None, 0)
-    union, files = write_site_files(root, names, parts)
-    return union, files, names
-
-
-def _node_file(path: Path, site: str, data: Path, parents, conn) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump({
-        "connection": {
-            "superlink": conn.superlink,
-            "root_certificates": str(conn.root_certificates),
-            "auth_private_key": str(conn.auth_private_key),
-            "runtime_port": conn.runtime_port,
-        },
-        "node": {
-            "site": site, "data": f"jsonl:{data.name}", "parent_a": str(parents[0]),
-            "parent_b": str(parents[1]), "policy": POLICY,
-            "threads": 1,  # three nodes share two cores, as the simulated nodes do
-        },
-    }))
-    return path
-
-
-def _descendants(pids: list[int]) -> set[int]:
-    import psutil
-
-    found = set()
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            found.add(pid)
-            found.update(c.pid for c in proc.children(recursive=True))
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory, tiny_parents):
     from client.node_file import load_node_file, node_config_values
@@ -81,7 +39,7 @@ def deployed(tmp_path_factory, tiny_parents):
     root = tmp_path_factory.mktemp("deploy")
     data_root = root / "data"
     data_root.mkdir()
-    union, site_files, site_names = _write_cohort(data_root)
+    union, site_files, site_names, _ = write_cohort(data_root, COHORT)
     recipe = validate_recipe(
         {**RECIPE, "parent_a": str(tiny_parents[0]), "parent_b": str(tiny_parents[1])}
     )
@@ -103,8 +61,8 @@ def deployed(tmp_path_factory, tiny_parents):
         dep.register(*SITES, "no-ca")  # the rogue key is never registered
         mark("registered")
         for name, site, data in zip(SITES, site_names, site_files, strict=True):
-            nf = _node_file(data_root / f"{name}.yaml", site, data, tiny_parents,
-                            dep.connection(name))
+            nf = node_file(data_root / f"{name}.yaml", site, data, tiny_parents,
+                           dep.connection(name), POLICY)
             dep.start_node(name, node_config_values(load_node_file(nf)))
         stray = {"data": f"jsonl:{site_files[0]}", "parent-a": str(tiny_parents[0]),
                  "parent-b": str(tiny_parents[1])}
@@ -124,7 +82,7 @@ def deployed(tmp_path_factory, tiny_parents):
             except Exception:  # still retrying: recorded; the assertion will say so
                 result[f"{name}_rc"] = None
             result[f"{name}_log"] = proc.log_text()
-        result["pids"] = _descendants([p.pid for p in dep.procs.procs])
+        result["pids"] = set(descendants([p.pid for p in dep.procs.procs]))
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -149,19 +107,10 @@ def deployed(tmp_path_factory, tiny_parents):
         os.environ.pop("FEDMERGE_WORKER_STATS", None)
     result["phases"]["closed"] = time.monotonic() - result["t0"]
     print("deploy test phases (s):", {k: round(v, 1) for k, v in result["phases"].items()})
-    result["alive_after_close"] = {p for p in result.get("pids", set()) if _alive(p)}
+    result["alive_after_close"] = {p for p in result.get("pids", set()) if alive(p)}
     result["stats"] = [json.loads(line) for line in stats.read_text().splitlines()]
     result["seconds"] = time.monotonic() - result["t0"]
     return result
-
-
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_deploy_report_equals_simulation(deployed):

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+from deploy_support import alive, descendants, node_file, write_cohort
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
@@ -47,38 +48,6 @@ FAULTS = {
 }
 
 
-def _write_cohort(root: Path):
-    """One JSONL per hospital; the site names and each site's records."""
-    from common.data import load_records
-    from common.data.splits import split_records, write_site_files
-
-    names, parts = split_records(load_records(COHORT), "region", None, 0)
-    _, files = write_site_files(root, names, parts)
-    return files, names, parts
-
-
-def _node_file(path: Path, site: str, data: Path, parents, conn, fault: str) -> Path:
-    import yaml
-
-    node = {
-        "site": site, "data": f"jsonl:{data.name}", "parent_a": str(parents[0]),
-        "parent_b": str(parents[1]), "policy": POLICY,
-        "threads": 1,  # five nodes share two cores
-    }
-    if fault:
-        node["test_fault"] = fault
-    path.write_text(yaml.safe_dump({
-        "connection": {
-            "superlink": conn.superlink,
-            "root_certificates": str(conn.root_certificates),
-            "auth_private_key": str(conn.auth_private_key),
-            "runtime_port": conn.runtime_port,
-        },
-        "node": node,
-    }))
-    return path
-
-
 def _received(log: str, run_id: int, message_type: str) -> int:
     """How many `message_type` messages of run `run_id` a SuperNode's log says it received."""
     pattern = (
@@ -98,31 +67,6 @@ def _wait_until(what: str, cond, timeout: float, poll: float = 0.25) -> float:
     raise TimeoutError(f"{what}: not after {timeout:.0f}s")
 
 
-def _descendants(pids: list[int]) -> dict[int, str]:
-    """pid -> name of the started processes and everything under them, whatever their group
-    (flower-superlink starts flower-superexec in a session of its own)."""
-    import psutil
-
-    found = {}
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            for p in (proc, *proc.children(recursive=True)):
-                found[p.pid] = p.name()
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory, tiny_parents):
     from client.node_file import load_node_file, node_config_values
@@ -135,7 +79,7 @@ def faults(tmp_path_factory, tiny_parents):
     root = tmp_path_factory.mktemp("deploy-faults")
     data_root = root / "data"
     data_root.mkdir()
-    site_files, site_names, site_parts = _write_cohort(data_root)
+    _, site_files, site_names, site_parts = write_cohort(data_root, COHORT)
     site_of = dict(zip(SITES, site_names, strict=True))
     recipe = validate_recipe(
         {**RECIPE, "parent_a": str(tiny_parents[0]), "parent_b": str(tiny_parents[1])}
@@ -171,8 +115,8 @@ def faults(tmp_path_factory, tiny_parents):
         dep.start_superlink()
         dep.register(*SITES)
         for name, site, data in zip(SITES, site_names, site_files, strict=True):
-            nf = _node_file(data_root / f"{name}.yaml", site, data, tiny_parents,
-                            dep.connection(name), FAULTS.get(name, ""))
+            nf = node_file(data_root / f"{name}.yaml", site, data, tiny_parents,
+                           dep.connection(name), POLICY, FAULTS.get(name, ""))
             dep.start_node(name, node_config_values(load_node_file(nf)))
         mark("nodes started")
 
@@ -219,7 +163,7 @@ def faults(tmp_path_factory, tiny_parents):
         result["live_before_close"] = {
             n: (dep.nodes[n].supernode.poll(), dep.nodes[n].worker.poll()) for n in LIVE
         }
-        result["pids"] = _descendants([p.pid for p in dep.procs.procs])
+        result["pids"] = descendants([p.pid for p in dep.procs.procs])
 
     try:
         flow()
@@ -233,7 +177,7 @@ def faults(tmp_path_factory, tiny_parents):
     mark("closed")
     print("deploy fault test phases (s):", {k: round(v, 1) for k, v in phases.items()})
     result["worker_logs"] = worker_logs
-    result["alive_after_close"] = {p: n for p, n in result["pids"].items() if _alive(p)}
+    result["alive_after_close"] = {p: n for p, n in result["pids"].items() if alive(p)}
     result["stats"] = [json.loads(line) for line in stats.read_text().splitlines()]
     return result
 
@@ -317,8 +261,8 @@ def test_stop_all_reaches_a_process_that_left_the_group(tmp_path):
     procs = ProcSet()
     leader = procs.start("parent", [sys.executable, "-c", script], env=dict(os.environ),
                          log_path=tmp_path / "parent.log")
-    _wait_until("the detached child starts", lambda: len(_descendants([leader.pid])) == 2, 30)
-    child = next(p for p in _descendants([leader.pid]) if p != leader.pid)
+    _wait_until("the detached child starts", lambda: len(descendants([leader.pid])) == 2, 30)
+    child = next(p for p in descendants([leader.pid]) if p != leader.pid)
     assert os.getsid(child) != os.getsid(leader.pid)
     procs.stop_all(grace=1.0)
-    assert not _alive(child) and not _alive(leader.pid)
+    assert not alive(child) and not alive(leader.pid)
