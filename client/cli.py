@@ -50,6 +50,41 @@ def dry_run_cmd(
         typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
 
 
+@node_app.command("ledger")
+def ledger_cmd(
+    node_file: Path = typer.Argument(..., help="The node file (YAML: connection + node)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per release."),
+) -> None:
+    """Show this hospital's release ledger: every sum it took part in (no counts)."""
+    import datetime
+
+    from client.ledger import ReleaseLedger
+    from client.node_config import parse_node_config
+    from client.node_file import load_node_file, node_config_values
+    from common.errors import FedmergeError
+
+    cfg = parse_node_config(node_config_values(load_node_file(node_file)), source=str(node_file))
+    if cfg.ledger is None:
+        raise FedmergeError(f"{node_file}: field 'node.ledger': not set; expected a file path")
+    entries = ReleaseLedger(cfg.ledger).entries()
+    if as_json:
+        for e in entries:
+            typer.echo(e.model_dump_json())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"release ledger {cfg.ledger} ({len(entries)} releases)")
+    for col in ("time (UTC)", "run", "round", "stage", "fold", "seed", "sites", "candidates",
+                "terms"):
+        table.add_column(col)
+    for e in entries:
+        when = datetime.datetime.fromtimestamp(e.time, datetime.UTC).strftime("%Y-%m-%d %H:%M")
+        table.add_row(when, str(e.run), str(e.round), e.stage, f"{e.fold}/{e.folds}",
+                      str(e.fold_seed), str(e.sites), str(len(e.candidates)), e.terms[:12])
+    Console().print(table)
+
+
 @node_app.command("start")
 def start_cmd(
     node_file: Path = typer.Argument(..., help="The node file (YAML: connection + node)."),

@@ -195,6 +195,7 @@ def handle_score(msg: Message, context: Context, cfg: NodeConfig) -> Message:
         except FedmergeError:
             log.exception("round %s: policy check failed", instr.round)
             return _refuse(msg, site, "site:data-unavailable")
+        reason = reason or _check_ledger(cfg, context, instr, instr.sites, record=False)
         if reason:
             log.info("round %s refused: %s (%s)", instr.round, reason, RULES.get(reason, ""))
             return _refuse(msg, site, reason)
@@ -250,11 +251,32 @@ def handle_round(msg: Message, context: Context, cfg: NodeConfig) -> Message:
     site = _site(context, cfg)
     instr = read_instructions(msg)
     histograms, rule = stored_histograms(context, instr)
+    if rule is None:
+        state = context.state.config_records.get(SECAGG_STATE_RECORD)
+        sampled = int(state["sample_num"]) if state is not None else instr.sites
+        rule = _check_ledger(cfg, context, instr, sampled, record=True)
     if rule is not None:
+        log.info("round %s: release refused: %s", instr.round, rule)
         return _refuse(msg, site, rule)
     # Released at most once: a second sum over other sites would isolate this one.
     context.state.config_records[SCORED_META]["spent"] = True
     return histogram_reply(msg, histograms, instr.histogram.bins)
+
+
+def _check_ledger(cfg: NodeConfig, context: Context, instr: RoundInstructions, sites: int,
+                  *, record: bool) -> str | None:
+    """The ledger's objection to releasing `instr` summed over `sites` sites, if any; with
+    `record`, the release is written down before the vector leaves."""
+    if cfg.ledger is None:
+        return None
+    from client.ledger import ReleaseLedger, release_of
+
+    ledger = ReleaseLedger(cfg.ledger)
+    release = release_of(instr, run=int(context.run_id), sites=sites)
+    rule = ledger.check(release, cfg.policy.max_releases_per_day)
+    if rule is None and record:
+        ledger.record(release)
+    return rule
 
 
 def _fault_mod(node: Callable[[Context], NodeConfig]):

@@ -39,6 +39,7 @@ class SitePolicy(BaseModel):
     # Caps the compute any coordinator can ask for in one round, and rounds in one run.
     max_candidates: int = Field(default=32, ge=1, le=1024)
     max_rounds: int = Field(default=16, ge=1, le=1000)
+    max_releases_per_day: int = Field(default=48, ge=1, le=10_000)
     # Pinned: what may shape a release is the site's choice, not the coordinator's.
     methods: tuple[Literal["slerp", "linear"], ...] = ("slerp", "linear")
     folds: int = Field(default=2, ge=2, le=10)
@@ -78,6 +79,9 @@ class NodeConfig(BaseModel):
     # shares its machine, e.g. several rehearsal nodes on one host.
     threads: int | None = Field(default=None, ge=1)
     policy: SitePolicy = SitePolicy()
+    # The release ledger (client/ledger.py): an append-only file that outlives runs and
+    # restarts. None keeps no memory across rounds (simulation only).
+    ledger: Path | None = None
     simulated: SimulatedSplit | None = None
     # Test-only fault injection: "fail:STAGE" answers STAGE with an error, "slow:STAGE:SECONDS"
     # stalls there; STAGE is score or a SecAgg+ stage (setup, share_keys,
@@ -93,6 +97,7 @@ NODE_KEYS = {
     "parent-b": "parent_b",
     "device": "device",
     "threads": "threads",
+    "ledger": "ledger",
     "test-fault": "test_fault",
 }
 POLICY_KEYS = {
@@ -101,6 +106,7 @@ POLICY_KEYS = {
     "min-positives": "min_positives",
     "max-candidates": "max_candidates",
     "max-rounds": "max_rounds",
+    "max-releases-per-day": "max_releases_per_day",
     "methods": "methods",  # comma list
     "folds": "folds",
     "fold-seed": "fold_seed",

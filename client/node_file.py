@@ -136,6 +136,7 @@ def node_config_values(nf: NodeFile) -> dict[str, Any]:
             "parent_a": _resolve(base, Path(cfg.parent_a)),
             "parent_b": _resolve(base, Path(cfg.parent_b)),
             "data": resolve_data_spec(cfg.data, base),
+            "ledger": _resolve(base, cfg.ledger),
         }
     )
     values = to_flower_node_config(cfg)

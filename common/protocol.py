@@ -61,6 +61,9 @@ REFUSAL_CODES = {
     "secagg:unmask-too-few-active": "an UNMASK with fewer active sites than allowed",
     "secagg:unmask-unknown-site": "an UNMASK naming sites that never shared keys here",
     "secagg:protocol-error": "a SecAgg+ message Flower's client mod rejected",
+    "ledger:would-isolate": "an earlier sum of the same fold and candidate over a different "
+    "number of sites: the two would give a site by difference",
+    "ledger:daily-cap": "more releases today than this site allows",
     "site:data-unavailable": "the site could not load its data or parents (see its log)",
     "site:scoring-failed": "scoring failed at the site (see its log)",
     "site:handler-failed": "the site's handler failed (see its log)",

@@ -240,3 +240,92 @@ def test_the_parent_fingerprint_covers_the_tokenizer_and_chat_template(tiny_pare
     cfg["chat_template"] = "{{ 'Answer yes. ' + messages[0]['content'] }}"
     (copy / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert fingerprint(copy) != fingerprint(tiny_parents[0])
+
+
+def _four_sites(tiny_parents, ledgers):
+    """Four real sites of one cohort, each with its ledger file (or none)."""
+    a, b = tiny_parents
+    configs = {
+        101 + i: {
+            "data": "synthetic:sites=4,stays=48,seed=9", "parent-a": str(a),
+            "parent-b": str(b), "split": "region", "sim-sites": 4, "sim-index": i,
+            "min-cohort": 5, "min-positives": 0, "bins": 16, "lo": -4.0, "hi": 4.0,
+            **({"ledger": str(ledgers / f"site-{i}.jsonl")} if ledgers else {}),
+        }
+        for i in range(4)
+    }
+    return configs
+
+
+def _one_run(tiny_parents, configs, recipe, nodes):
+    """A whole honest-looking run over `nodes`: announce, score, sum; the summed histograms."""
+    from server.secagg import secure_round
+
+    grid = _grid(tiny_parents, configs={n: configs[n] for n in nodes})
+    announce(grid, recipe, nodes)
+    instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75],
+                                      sites=len(nodes))
+    scored = score_round(grid, nodes, instr, timeout_per_candidate=60)
+    if scored.ready != nodes:
+        return None, scored
+    from flwr.app import Context, RecordDict
+
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    return secure_round(grid, ctx, node_ids=nodes, instructions=instr,
+                        settings=recipe.secagg).histograms, scored
+
+
+@pytest.mark.parametrize("with_ledger", [False, True], ids=["no-ledger", "ledger"])
+def test_differencing_two_runs_isolates_a_site_only_without_the_ledger(tiny_parents,
+                                                                       tmp_path, with_ledger):
+    """Run 1 over {A, B, C, D}, run 2 over {A, B, C} with the same fold and candidates: the
+    difference is D's histograms. The ledger makes A, B and C refuse run 2's release."""
+    import numpy as np
+
+    a, b = tiny_parents
+    recipe = TuningRecipe(
+        parent_a=str(a), parent_b=str(b), method="linear", scoring={"max_patient_tokens": 64},
+        histogram={"bins": 16, "lo": -4.0, "hi": 4.0},
+    ).with_fingerprints()
+    configs = _four_sites(tiny_parents, tmp_path if with_ledger else None)
+    first, _ = _one_run(tiny_parents, configs, recipe, [101, 102, 103, 104])
+    second, scored = _one_run(tiny_parents, configs, recipe, [101, 102, 103])
+    if not with_ledger:
+        # The attack works: D's own histograms, exactly, from two sums.
+        from client.node_config import parse_node_config
+        from client.task import score_one
+
+        instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75],
+                                          sites=4)
+        d = [score_one(parse_node_config(configs[104]), instr, i) for i in range(2)]
+        for c in range(2):
+            for k in range(2):
+                np.testing.assert_array_equal(first[c][k] - second[c][k], d[c][k])
+        return
+    assert second is None
+    assert {Refusal.from_reason(r).reason for r in scored.failed.values()} == {
+        "ledger:would-isolate"}
+    # The ledger is what each site wrote itself: one release each, over four sites.
+    from client.ledger import ReleaseLedger
+
+    for i in range(3):
+        entries = ReleaseLedger(tmp_path / f"site-{i}.jsonl").entries()
+        assert [e.sites for e in entries] == [4]
+
+
+def test_the_ledger_survives_a_torn_line_and_caps_releases_per_day(tmp_path):
+    from client.ledger import Release, ReleaseLedger
+
+    ledger = ReleaseLedger(tmp_path / "ledger.jsonl")
+    r = Release(time=1000.0, run=1, round=1, stage="tune", fold=0, folds=2, fold_seed=0,
+                terms="t", candidates=("[0.5]",), sites=4)
+    ledger.record(r)
+    with open(ledger.path, "a") as fh:
+        fh.write('{"time": 10')  # a crash in the middle of a write
+    assert ledger.entries() == [r]
+    later = r.model_copy(update={"time": 2000.0, "candidates": ("[0.7]",), "sites": 3})
+    assert ledger.check(later, max_per_day=2) is None  # another candidate: allowed
+    assert ledger.check(later, max_per_day=1) == "ledger:daily-cap"
+    same = later.model_copy(update={"candidates": ("[0.5]",)})
+    assert ledger.check(same, max_per_day=5) == "ledger:would-isolate"
+    assert ledger.check(same.model_copy(update={"sites": 4}), max_per_day=5) is None
