@@ -35,7 +35,7 @@ KILLED = "hospital-e"
 LIVE = SITES[:-1]
 COHORT = "synthetic:sites=5,stays=40/40/40/40/40,seed=11"
 POLICY = {"min_cohort": 5, "min_positives": 0}
-SCORE_TIMEOUT = 15.0
+SCORE_TIMEOUT = 8.0
 RECIPE = {
     "method": "linear",
     "search": {"strategy": "grid", "grid_points": 3},

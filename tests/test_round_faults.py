@@ -98,12 +98,12 @@ def test_sites_lost_at_the_masked_vector_stage_at_unmasking_and_by_timeout(tiny_
     IS in the sum: the others' shares remove its mask). The sum is exact."""
     data = "synthetic:sites=7,stays=40,seed=4"
     result = _simulate(tiny_parents, tmp_path, data, {
-        0: "fail:collect_masked_vectors", 1: "fail:unmask", 2: "slow:score:40",
-    }, score_timeout=10.0)
+        0: "fail:collect_masked_vectors", 1: "fail:unmask", 2: "slow:score:25",
+    }, score_timeout=6.0)
     report = json.loads((result.out / "report.json").read_text())
     lost = {d["site"]: d for d in report["dropouts"]}
     assert set(lost) == {"site-0", "site-1", "site-2"}
-    assert lost["site-2"]["reason"].startswith("still scoring after 10 s per candidate")
+    assert lost["site-2"]["reason"].startswith("still scoring after 6 s per candidate")
     first = report["rounds"][0]
     assert first["sites"] == ["site-1", "site-3", "site-4", "site-5", "site-6"]
     assert first["failed"] == ["site-0", "site-1", "site-2"]

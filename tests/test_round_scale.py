@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-DATA = "synthetic:sites=3,stays=90/90/90,seed=2"
+DATA = "synthetic:sites=3,stays=70/70/70,seed=2"
 RECIPE = {
-    "search": {"grid_points": 4},
+    "search": {"grid_points": 3},
     "histogram": {"bins": 128, "lo": -8.0, "hi": 8.0},
     "scoring": {"max_patient_tokens": 48},
 }
