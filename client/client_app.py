@@ -300,13 +300,26 @@ def _fault_mod(node: Callable[[Context], NodeConfig]):
     return mod
 
 
+def codes_only(msg: Message, context: Context, call_next) -> Message:
+    """The app's outermost mod: whatever fails inside (a node setting, a loader, torch, a
+    mod), the coordinator gets `site:handler-failed`, never the exception's text (which may
+    hold paths, record ids or patient text); the traceback goes to this node's log."""
+    try:
+        return call_next(msg, context)
+    except Exception:
+        log.exception("%s message failed at this node", msg.metadata.message_type)
+        accepted = context.state.config_records.get(ACCEPTED_RECORD)
+        site = str(accepted["site"]) if accepted is not None else "site"
+        return _refuse(msg, site, "site:handler-failed")
+
+
 def make_client_app(
     overrides: Mapping[int, Mapping[str, object]] | None = None,
     default_parents: ParentsFn | None = None,
 ) -> ClientApp:
     """The hospital ClientApp. `overrides` (partition id -> node config) is for simulation;
     `default_parents` supplies parents when a `flwr run` simulation's run config has none."""
-    client_app = ClientApp()
+    client_app = ClientApp(mods=[codes_only])
 
     def node(context: Context) -> NodeConfig:
         return resolve_node_config(context, overrides, default_parents)

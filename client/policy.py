@@ -16,7 +16,7 @@ and which of them may be scored are the site's, and sizes and round counts are c
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from client.node_config import SitePolicy
 from common.protocol import (
@@ -87,9 +87,15 @@ def check_announcement(
     policy: SitePolicy,
     ann: Announcement,
     own_fingerprints: tuple[str, str],
-    counts: Mapping[int, tuple[int, int]],
+    counts: Callable[[], Mapping[int, tuple[int, int]]],
 ) -> str | None:
-    """The first rule the announcement breaks, or None."""
+    """The first rule the announcement breaks, or None.
+
+    `counts()` (fold -> records, positives) is called only once every rule that does not
+    depend on the site's data has passed: folds and seeds outside the policy are refused
+    before they are even counted, so trying them teaches the coordinator nothing of the
+    site's size.
+    """
     if not set(ann.score_folds) <= set(policy.score_folds):
         return "policy:fold-not-allowed"
     if ann.histogram != policy.histogram:
@@ -99,8 +105,7 @@ def check_announcement(
         check_count(policy, ann.max_candidates_per_round),
         check_terms(policy, ann),
         check_parents(own_fingerprints, ann.parent_fingerprints),
-        check_cohort(policy, counts),
-    )
+    ) or check_cohort(policy, counts())
 
 
 def check_round_terms(accepted: Announcement, instr: RoundInstructions) -> str | None:

@@ -34,17 +34,13 @@ def check_announcement(cfg: NodeConfig, ann: Announcement) -> tuple[str, str | N
     from client.node_cache import fold_counts, site_records
 
     site, _ = site_records(cfg, ann.scoring.hard)
-    # Folds outside the site's policy are refused before they are even counted: the
-    # coordinator must not learn a site's size by trying folds and seeds.
-    if not set(ann.score_folds) <= set(cfg.policy.score_folds) or (
-        ann.folds, ann.fold_seed) != (cfg.policy.folds, cfg.policy.fold_seed):
-        return site, policy.first_refusal(
-            policy.check_terms(cfg.policy, ann),
-            "policy:fold-not-allowed",
-        )
-    counts = {
-        f: fold_counts(cfg, f, ann.folds, ann.fold_seed, ann.scoring.hard) for f in ann.score_folds
-    }
+
+    def counts():
+        return {
+            f: fold_counts(cfg, f, ann.folds, ann.fold_seed, ann.scoring.hard)
+            for f in ann.score_folds
+        }
+
     reason = policy.check_announcement(cfg.policy, ann, own_fingerprints(cfg), counts)
     if reason is None:
         # Load both parents now, inside the announcement's generous timeout: a node that

@@ -329,3 +329,21 @@ def test_the_ledger_survives_a_torn_line_and_caps_releases_per_day(tmp_path):
     same = later.model_copy(update={"candidates": ("[0.5]",)})
     assert ledger.check(same, max_per_day=5) == "ledger:would-isolate"
     assert ledger.check(same.model_copy(update={"sites": 4}), max_per_day=5) is None
+
+
+def test_an_unexpected_failure_reaches_the_coordinator_as_a_code_only(tiny_parents, recipe,
+                                                                      monkeypatch):
+    """Anything raised inside the node (here: a loader error carrying a path and a record
+    id) is logged at the node; the coordinator sees `site:handler-failed` and nothing else."""
+    import client.task
+
+    def broken(cfg, ann):
+        raise RuntimeError("/data/site-b/stays.csv: row 17: MRN-0042731 unreadable")
+
+    monkeypatch.setattr(client.task, "check_announcement", broken)
+    grid = _grid(tiny_parents)
+    accepted, _ = announce(grid, recipe, NODES)
+    assert accepted == {}
+    assert set(_codes(grid).values()) == {"site:handler-failed"}
+    seen = repr([m.error.reason for m in grid.received if m.has_error()])
+    assert "MRN" not in seen and "site-b" not in seen and "RuntimeError" not in seen
