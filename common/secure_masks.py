@@ -1,4 +1,4 @@
-"""fedmerge's SecAgg+ primitives in place of Flower's: ChaCha20 masks and a fast Shamir.
+"""fedmerge's SecAgg+ primitives in place of Flower's: ChaCha20 masks, a fast Shamir, X25519.
 
 SecAgg+ hides each hospital's vector behind masks expanded from secret seeds. Flower 1.41's
 expander folds the seed to 32 bits and draws from numpy's Mersenne Twister (flower#7522): a
@@ -10,7 +10,8 @@ The seeds and keys themselves are Shamir-shared among the sites. Flower's `creat
 `combine_shares` (pycryptodome's pure-Python GF(2^128)) were 87% of a 50-site round (~80 s);
 `common.secure_shamir` computes the same shares in the same byte format 30-300x faster
 (the round: ~7.7 s, `bench/secagg_scale.py`). Its shares and Flower's are interchangeable, so
-this swap changes cost, not the protocol.
+this swap changes cost, not the protocol. Key agreement is X25519 (`common.secure_keys`):
+~4,900 P-384 agreements with PEM parsing were most of what remained at 50 sites.
 
 Both ends of the protocol must expand seeds identically or the masks do not cancel, so the
 replacements are installed where the server workflow and the client mod look the names up
@@ -28,6 +29,14 @@ import numpy as np
 
 from common.errors import FedmergeError
 from common.flower_runtime import PINNED_FLWR_VERSION
+from common.secure_keys import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    generate_shared_key,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
 from common.secure_shamir import combine_shares, create_shares
 
 # Modules whose global `pseudo_rand_gen` the SecAgg+ code calls at run time.
@@ -42,6 +51,24 @@ SHAMIR_TARGETS = (
     ("flwr.client.mod.secure_aggregation.secaggplus_mod", "create_shares", create_shares),
     ("flwr.server.workflow.secure_aggregation.secaggplus_workflow", "combine_shares",
      combine_shares),
+)
+
+_CLIENT_MOD = "flwr.client.mod.secure_aggregation.secaggplus_mod"
+_SERVER_WORKFLOW = "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
+# Key agreement: X25519 (common.secure_keys) at every site and in the server's unmasking.
+KEY_TARGETS = tuple(
+    (_CLIENT_MOD, fn.__name__, fn)
+    for fn in (
+        generate_key_pairs,
+        private_key_to_bytes,
+        public_key_to_bytes,
+        bytes_to_private_key,
+        bytes_to_public_key,
+        generate_shared_key,
+    )
+) + tuple(
+    (_SERVER_WORKFLOW, fn.__name__, fn)
+    for fn in (bytes_to_private_key, bytes_to_public_key, generate_shared_key)
 )
 
 _NONCE = bytes(16)  # one key per seed and one use per key: a fixed nonce is safe
@@ -83,19 +110,21 @@ def check_flwr_version() -> None:
     """Refuse to run SecAgg+ on a Flower release the patch was not checked against."""
     from common.flower_runtime import check_flwr_version as check
 
-    check("fedmerge's SecAgg+ patches (masks, Shamir)")
+    check("fedmerge's SecAgg+ patches (masks, Shamir, X25519)")
 
 
 def _replacements():
     """(module name, global name, fedmerge's function) for every SecAgg+ call site."""
-    return [(m, "pseudo_rand_gen", crypto_rand_gen) for m in PATCHED_MODULES] + list(
-        SHAMIR_TARGETS
+    return (
+        [(m, "pseudo_rand_gen", crypto_rand_gen) for m in PATCHED_MODULES]
+        + list(SHAMIR_TARGETS)
+        + list(KEY_TARGETS)
     )
 
 
 def install() -> None:
-    """Make Flower's SecAgg+ server workflow and client mod draw masks from `crypto_rand_gen`
-    and share secrets with `common.secure_shamir`.
+    """Make Flower's SecAgg+ server workflow and client mod draw masks from `crypto_rand_gen`,
+    share secrets with `common.secure_shamir` and agree keys with `common.secure_keys`.
 
     Idempotent and cheap, so every process that may run SecAgg+ (server thread, Ray actor,
     ClientApp subprocess) calls it before the protocol starts.

@@ -1,6 +1,6 @@
 """Shamir secret sharing for SecAgg+: byte-for-byte Flower's scheme, 30-300x less work.
 
-Why: in a SecAgg+ round every site splits its 32-byte mask seed and its PEM private key into
+Why: in a SecAgg+ round every site splits its 32-byte mask seed and its private key into
 one share per neighbour, and the coordinator rebuilds every site's seed from the shares it
 collects. Flower 1.41 does both with pycryptodome's pure-Python `Shamir` over GF(2^128),
 where each field product is a 128-step Python loop and `combine` re-derives the Lagrange

@@ -33,7 +33,6 @@ def masked_vector_of(grid, node: int, group: str) -> list[np.ndarray] | None:
 def recover_vector(masked, rd_seed: bytes, sk1: bytes, target: int, public_keys: dict,
                    neighbours, exact: ExactSumSettings) -> np.ndarray:
     """One site's plaintext from its masked vector, its mask seed and its pairwise key."""
-    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
     from flwr.common.secure_aggregation.ndarrays_arithmetic import (
         factor_extract,
         parameters_addition,
@@ -41,8 +40,8 @@ def recover_vector(masked, rd_seed: bytes, sk1: bytes, target: int, public_keys:
         parameters_subtraction,
     )
     from flwr.common.secure_aggregation.quantization import dequantize
-    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
+    from common.secure_keys import bytes_to_private_key, bytes_to_public_key, generate_shared_key
     from common.secure_masks import crypto_rand_gen
 
     mod = exact.modulus_range

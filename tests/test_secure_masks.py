@@ -6,6 +6,7 @@ import importlib
 
 import numpy as np
 import pytest
+from secagg_support import task_identity  # noqa: F401 (autouse fixture: Messages need a run id)
 
 from common import secure_masks
 from common.errors import FedmergeError

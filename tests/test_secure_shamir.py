@@ -246,7 +246,7 @@ def test_install_refuses_other_flower_versions(monkeypatch):
     from common.errors import FedmergeError
 
     monkeypatch.setattr(flwr, "__version__", "1.40.0")
-    with pytest.raises(FedmergeError, match=r"SecAgg\+ patches \(masks, Shamir\)"):
+    with pytest.raises(FedmergeError, match=r"SecAgg\+ patches \(masks, Shamir, X25519\)"):
         secure_masks.install()
 
 
