@@ -48,6 +48,30 @@ def best_of(evals: Sequence[Evaluation]) -> Evaluation:
     return max(evals, key=lambda e: (score_of(e), -evals.index(e)))
 
 
+# Width of the noise band around the best AUROC, in standard deviations of the difference of
+# two candidates' noisy AUROCs (√2 × one candidate's noise SD).
+NOISE_BAND_SD = 1.0
+
+
+def best_within_noise(evals: Sequence[Evaluation]) -> Evaluation:
+    """λ* that does not chase privacy noise. Without noise: `best_of`. With noise: every
+    candidate whose AUROC is within NOISE_BAND_SD·√2·sd of the best is as good as the best
+    given the noise; the tie rule takes the median λ of that band (the lower median), which
+    on a single-peaked curve sits at the peak whichever side the noise favoured. Candidates
+    with one λ per group keep `best_of` (no order to take a median in).
+    """
+    best = best_of(evals)
+    sd = best.metrics.noise_sd
+    if sd <= 0 or best.metrics.auroc is None or not isinstance(best.candidate, float | int):
+        return best
+    floor = best.metrics.auroc - NOISE_BAND_SD * (2**0.5) * sd
+    band = sorted(
+        (e for e in evals if e.metrics.auroc is not None and e.metrics.auroc >= floor),
+        key=lambda e: float(e.candidate),
+    )
+    return band[(len(band) - 1) // 2]
+
+
 def grid_points(n: int) -> list[float]:
     """n evenly spaced points on [0, 1], rounded so 0.1 prints as 0.1."""
     return [round(i / (n - 1), 10) for i in range(n)]

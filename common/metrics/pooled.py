@@ -38,6 +38,8 @@ class PooledMetrics(BaseModel):
     auroc_error_bound: float
     auprc_error_bound: float = 0.0
     auroc_ci: tuple[float, float] | None
+    # Standard deviation the privacy noise adds to `auroc` (0 for exact counts).
+    noise_sd: float = 0.0
 
 
 def _counts(hist, name: str) -> np.ndarray:

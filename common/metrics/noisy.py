@@ -1,0 +1,64 @@
+"""AUROC and AUPRC from histograms that carry differential-privacy noise.
+
+Why not clamp and reuse `pooled_metrics`: clamping negative noisy counts to zero adds mass in
+the empty bins of each class, i.e. ties between classes, and pulls AUROC toward 0.5. The
+AUROC's numerator Σ_b p_b·(Q_{<b} + q_b/2) is bilinear in the two histograms and the noise on
+them is independent and zero-mean, so the plug-in numerator on the RAW noisy counts is
+unbiased, and so is the denominator P·N; their ratio is biased only at order σ²·bins/P².
+AUPRC is not bilinear: it uses cumulative counts clipped at zero and precisions within [0, 1].
+
+The 95% interval adds the noise's variance (delta method: the AUROC's gradient in each count
+times the known noise variance per count) to DeLong's sampling variance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.metrics.pooled import Z_95, PooledMetrics, auprc_error_bound
+
+
+def _as_float(hist) -> np.ndarray:
+    return np.asarray(hist, dtype=np.float64).reshape(-1)
+
+
+def noisy_metrics(pos, neg, noise_variance: float) -> PooledMetrics:
+    """Metrics of noisy per-bin counts; `noise_variance` is the noise's variance per count."""
+    p, q = _as_float(pos), _as_float(neg)
+    n_pos, n_neg = max(p.sum(), 1.0), max(q.sum(), 1.0)
+    clamped_p, clamped_q = np.clip(p, 0, None), np.clip(q, 0, None)
+    neg_below = np.cumsum(q) - q
+    pos_above = np.cumsum(p[::-1])[::-1] - p
+    raw = float((p * (neg_below + 0.5 * q)).sum() / (n_pos * n_neg))
+    auroc = float(min(1.0, max(0.0, raw)))
+    # Gradient of U/(P·N) in each count, for the noise's share of the variance.
+    g_pos = (neg_below + 0.5 * q) / (n_pos * n_neg) - raw / n_pos
+    g_neg = (pos_above + 0.5 * p) / (n_pos * n_neg) - raw / n_neg
+    var_noise = noise_variance * float((g_pos**2).sum() + (g_neg**2).sum())
+    # DeLong's placements on the clamped counts (a variance needs non-negative weights).
+    cp, cq = clamped_p, clamped_q
+    cpn, cqn = max(cp.sum(), 1.0), max(cq.sum(), 1.0)
+    v10 = (np.cumsum(cq) - cq + 0.5 * cq) / cqn
+    v01 = (np.cumsum(cp[::-1])[::-1] - cp + 0.5 * cp) / cpn
+    var_sampling = 0.0
+    if cpn >= 2 and cqn >= 2:
+        var_sampling = float((cp * (v10 - auroc) ** 2).sum() / (cpn - 1)) / cpn + float(
+            (cq * (v01 - auroc) ** 2).sum() / (cqn - 1)
+        ) / cqn
+    half = Z_95 * float(np.sqrt(var_sampling + var_noise))
+    ci = (max(0.0, auroc - half), min(1.0, auroc + half))
+    # AUPRC: cumulative counts from the top, clipped, precision within [0, 1].
+    tp = np.clip(np.cumsum(p[::-1])[::-1], 0, None)
+    fp = np.clip(np.cumsum(q[::-1])[::-1], 0, None)
+    prec = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-12), 0.0)
+    auprc = float(min(1.0, max(0.0, (clamped_p / n_pos * prec).sum())))
+    return PooledMetrics(
+        n=int(round(max(p.sum() + q.sum(), 0.0))),
+        positives=int(round(max(p.sum(), 0.0))),
+        auroc=auroc,
+        auprc=auprc,
+        auroc_error_bound=float(0.5 * (cp * cq).sum() / (cpn * cqn)),
+        auprc_error_bound=auprc_error_bound(cp, cq),
+        auroc_ci=ci,
+        noise_sd=float(np.sqrt(var_noise)),
+    )
