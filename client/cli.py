@@ -76,13 +76,23 @@ def ledger_cmd(
 
     table = Table(title=f"release ledger {cfg.ledger} ({len(entries)} releases)")
     for col in ("time (UTC)", "run", "round", "stage", "fold", "seed", "sites", "candidates",
-                "terms"):
+                "zCDP ρ", "terms"):
         table.add_column(col)
     for e in entries:
         when = datetime.datetime.fromtimestamp(e.time, datetime.UTC).strftime("%Y-%m-%d %H:%M")
         table.add_row(when, str(e.run), str(e.round), e.stage, f"{e.fold}/{e.folds}",
-                      str(e.fold_seed), str(e.sites), str(len(e.candidates)), e.terms[:12])
-    Console().print(table)
+                      str(e.fold_seed), str(e.sites), str(len(e.candidates)),
+                      f"{e.rho:.4g}" if e.rho else "—", e.terms[:12])
+    console = Console()
+    console.print(table)
+    from client.ledger import spent_epsilon
+
+    privacy = cfg.policy.privacy
+    spent = spent_epsilon(ReleaseLedger(cfg.ledger), privacy.max_delta)
+    console.print(
+        f"privacy budget: ε spent {spent:.3g} of {privacy.max_epsilon_total:g} "
+        f"(δ = {privacy.max_delta:.0e}; zCDP composed over every noisy release)"
+    )
 
 
 @node_app.command("start")

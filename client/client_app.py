@@ -129,7 +129,7 @@ def read_instructions(msg: Message) -> RoundInstructions:
     return RoundInstructions.model_validate_json(str(fitins.config[INSTRUCTIONS_KEY]))
 
 
-def histogram_reply(msg: Message, histograms, bins: int) -> Message:
+def histogram_reply(msg: Message, histograms, bins: int, noisy: bool = False) -> Message:
     """The only thing a site returns in a round: its histograms as one integer vector, which
     the SecAgg+ mod masks on the way out; no metrics, a constant example count."""
     import flwr.compat.common.recorddict_compat as compat
@@ -139,11 +139,23 @@ def histogram_reply(msg: Message, histograms, bins: int) -> Message:
 
     fitres = FitRes(
         status=Status(code=Code.OK, message=""),
-        parameters=ndarrays_to_parameters([encode_histograms(histograms, bins)]),
+        parameters=ndarrays_to_parameters([encode_histograms(histograms, bins, noisy=noisy)]),
         num_examples=SITE_WEIGHT,
         metrics={},
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+def _min_summed(context: Context, cfg: NodeConfig) -> int:
+    """Fewest sites this site's vector may be summed with: its `min_sites`, raised to the
+    honest sites a distributed-noise run assumes (fewer would carry too little noise)."""
+    accepted = context.state.config_records.get(ACCEPTED_RECORD)
+    if accepted is None:
+        return cfg.policy.min_sites
+    privacy = Announcement.model_validate_json(str(accepted["announcement"])).privacy
+    if privacy.mode == "distributed":
+        return max(cfg.policy.min_sites, privacy.honest_sites)
+    return cfg.policy.min_sites
 
 
 def _site(context: Context, cfg: NodeConfig) -> str:
@@ -254,13 +266,38 @@ def handle_round(msg: Message, context: Context, cfg: NodeConfig) -> Message:
     if rule is None:
         state = context.state.config_records.get(SECAGG_STATE_RECORD)
         sampled = int(state["sample_num"]) if state is not None else instr.sites
-        rule = _check_ledger(cfg, context, instr, sampled, record=True)
+        rule = _check_privacy_release(context, instr, sampled)
+        rule = rule or _check_ledger(cfg, context, instr, sampled, record=True)
     if rule is not None:
         log.info("round %s: release refused: %s", instr.round, rule)
         return _refuse(msg, site, rule)
     # Released at most once: a second sum over other sites would isolate this one.
     context.state.config_records[SCORED_META]["spent"] = True
-    return histogram_reply(msg, histograms, instr.histogram.bins)
+    from client.task import noisy_release
+
+    return histogram_reply(
+        msg, noisy_release(histograms, instr), instr.histogram.bins, noisy=instr.privacy.on
+    )
+
+
+def _check_privacy_release(context: Context, instr: RoundInstructions, sampled: int
+                           ) -> str | None:
+    """A private run may release each fold for at most the announced number of candidates
+    (what its noise was calibrated for), and distributed noise only into a sum of at least
+    the sites it assumes honest."""
+    p = instr.privacy
+    if not p.on:
+        return None
+    if p.mode == "distributed" and sampled < p.honest_sites:
+        return "dp:too-few-sites"
+    accepted = context.state.config_records.get(ACCEPTED_RECORD)
+    key = f"released.fold{instr.fold}"
+    done = int(accepted[key]) if accepted is not None and key in accepted else 0
+    if done + len(instr.candidates) > p.releases:
+        return "dp:releases-exhausted"
+    if accepted is not None:
+        accepted[key] = done + len(instr.candidates)
+    return None
 
 
 def _check_ledger(cfg: NodeConfig, context: Context, instr: RoundInstructions, sites: int,
@@ -273,7 +310,9 @@ def _check_ledger(cfg: NodeConfig, context: Context, instr: RoundInstructions, s
 
     ledger = ReleaseLedger(cfg.ledger)
     release = release_of(instr, run=int(context.run_id), sites=sites)
-    rule = ledger.check(release, cfg.policy.max_releases_per_day)
+    privacy = cfg.policy.privacy
+    rule = ledger.check(release, cfg.policy.max_releases_per_day,
+                        budget=(privacy.max_epsilon_total, instr.privacy.delta))
     if rule is None and record:
         ledger.record(release)
     return rule
@@ -326,7 +365,7 @@ def make_client_app(
 
     def guard_policy(context: Context) -> GuardPolicy:
         cfg = node(context)
-        return GuardPolicy(site=_site(context, cfg), min_sites=cfg.policy.min_sites)
+        return GuardPolicy(site=_site(context, cfg), min_sites=_min_summed(context, cfg))
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:

@@ -173,6 +173,25 @@ def fold_data(
         return live_scorer, _PREPARED[key]
 
 
+def reference_prepared(cfg: NodeConfig, method: str, scoring: ScoringSettings, reference: str):
+    """The public reference cohort that places the bins, tokenized once per process.
+
+    It is loaded from its data spec (the site's policy pins which one), never from the
+    site's own records, so the bin edges computed from it carry nothing of the site.
+    """
+    from common.data import load_records
+
+    live_scorer = scorer(cfg, method, scoring)
+    key = ("reference", reference, scoring, Path(cfg.parent_a).resolve())
+    with _LOCK:
+        if key not in _PREPARED:
+            records = load_records(reference, hard=scoring.hard)
+            if len(records) < 2:
+                raise FedmergeError(f"histogram reference {reference}: expected at least 2 stays")
+            _PREPARED[key] = live_scorer.prepare(records)
+        return live_scorer, _PREPARED[key]
+
+
 def clear() -> None:
     """Drop every cached object (tests, or a node switching parents)."""
     with _LOCK:

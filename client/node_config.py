@@ -13,13 +13,31 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from common.dp.settings import DEFAULT_DELTA, DEFAULT_EPSILON, PrivacyMode
 from common.errors import FedmergeError, validation_error
-from common.metrics import HistogramSpec
+from common.metrics import FEDERATED_HISTOGRAM, HistogramSpec
 
 FAULT_PATTERN = (
     r"^(|drop|fail:(score|setup|share_keys|collect_masked_vectors|unmask)"
     r"|slow:(score|setup|share_keys|collect_masked_vectors|unmask):\d+(\.\d+)?)$"
 )
+
+
+class PrivacyPolicy(BaseModel):
+    """The differential privacy this site demands of every run, and its budget.
+
+    `min_mode`: the weakest mode accepted (off < distributed < local); deployments default to
+    distributed noise. The per-run caps bound what one announcement may spend; the total is
+    charged in the release ledger (zCDP ρ adds up over runs) and a run that would exceed it
+    is refused before anything is scored.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_mode: PrivacyMode = "distributed"
+    max_epsilon_per_run: float = Field(default=DEFAULT_EPSILON, gt=0, le=64)
+    max_epsilon_total: float = Field(default=4 * DEFAULT_EPSILON, gt=0, le=1000)
+    max_delta: float = Field(default=DEFAULT_DELTA, gt=0, le=1e-3)
 
 
 class SitePolicy(BaseModel):
@@ -45,7 +63,8 @@ class SitePolicy(BaseModel):
     folds: int = Field(default=2, ge=2, le=10)
     fold_seed: int = 0
     score_folds: tuple[int, ...] = (0, 1)
-    histogram: HistogramSpec = HistogramSpec()
+    histogram: HistogramSpec = FEDERATED_HISTOGRAM
+    privacy: PrivacyPolicy = PrivacyPolicy()
     # Prompt templates this site scores: None is the paper's wording.
     templates: tuple[str | None, ...] = (None,)
     allow_chat_template: bool = False
@@ -114,6 +133,12 @@ POLICY_KEYS = {
     "bins": "histogram.bins",
     "lo": "histogram.lo",
     "hi": "histogram.hi",
+    "bin-placement": "histogram.placement",
+    "bin-reference": "histogram.reference",
+    "privacy": "privacy.min_mode",
+    "max-epsilon-per-run": "privacy.max_epsilon_per_run",
+    "max-epsilon-total": "privacy.max_epsilon_total",
+    "max-delta": "privacy.max_delta",
     "templates": "templates",  # JSON list; null is the paper's wording
     "allow-chat-template": "allow_chat_template",
     "max-patient-tokens": "max_patient_tokens",
@@ -213,9 +238,15 @@ def simulated_node_config(
         "sim-index": int(partition_id),
         "split-seed": int(run_config.get("split-seed", 0) or 0),
     }
-    for key in ("bins", "lo", "hi", "fold-seed"):
+    for key in ("bins", "lo", "hi", "fold-seed", "bin-placement", "bin-reference"):
         if run_config.get(key) not in (None, ""):
             node[key] = run_config[key]
+    # The researcher's own sites accept the run's privacy setting, whatever it is.
+    node["privacy"] = str(run_config.get("privacy") or "off")
+    if run_config.get("epsilon") not in (None, ""):
+        node["max-epsilon-per-run"] = run_config["epsilon"]
+    if run_config.get("delta") not in (None, ""):
+        node["max-delta"] = run_config["delta"]
     if run_config.get("template"):
         node["templates"] = json.dumps([None, str(run_config["template"])])
     if run_config.get("use-chat-template"):

@@ -66,6 +66,27 @@ def check_count(policy: SitePolicy, per_round: int) -> str | None:
     return "policy:max-candidates" if per_round > policy.max_candidates else None
 
 
+def check_privacy(policy: SitePolicy, ann: Announcement) -> str | None:
+    """The announced privacy against the site's: mode, (ε, δ) per run, assumed honest sites.
+
+    In distributed mode the noise is split over `honest_sites`: a coordinator that claims
+    many honest sites asks each for less noise, so the claim must be at least a strict
+    majority of the announced sites (the SecAgg+ guard's own floor) and `min_sites`.
+    """
+    from common.dp.settings import MODE_STRENGTH
+
+    want, got = policy.privacy, ann.privacy
+    if MODE_STRENGTH[got.mode] < MODE_STRENGTH[want.min_mode]:
+        return "dp:mode-below-policy"
+    if not got.on:
+        return None
+    if got.epsilon > want.max_epsilon_per_run or got.delta > want.max_delta:
+        return "dp:epsilon-above-policy"
+    if got.mode == "distributed" and got.honest_sites < max(ann.sites // 2 + 1, policy.min_sites):
+        return "dp:honest-sites-below-policy"
+    return None
+
+
 def check_terms(policy: SitePolicy, terms: RecipeTerms) -> str | None:
     """What every message of a run restates: method, folds and the scoring recipe."""
     if terms.method not in policy.methods:
@@ -104,6 +125,7 @@ def check_announcement(
         check_sites(policy, ann.sites),
         check_count(policy, ann.max_candidates_per_round),
         check_terms(policy, ann),
+        check_privacy(policy, ann),
         check_parents(own_fingerprints, ann.parent_fingerprints),
     ) or check_cohort(policy, counts())
 

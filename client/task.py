@@ -43,12 +43,29 @@ def check_announcement(cfg: NodeConfig, ann: Announcement) -> tuple[str, str | N
 
     reason = policy.check_announcement(cfg.policy, ann, own_fingerprints(cfg), counts)
     if reason is None:
+        reason = check_budget(cfg, ann)
+    if reason is None:
         # Load both parents now, inside the announcement's generous timeout: a node that
         # cannot hold them says so before any round, and no round pays for the loading.
         from client.node_cache import merger
 
         merger(cfg, ann.method)
     return site, reason
+
+
+def check_budget(cfg: NodeConfig, ann: Announcement) -> str | None:
+    """Refuse a private run whose full cost (every announced release of one fold) would take
+    this site past its total budget in the ledger, before anything is scored."""
+    if not ann.privacy.on or cfg.ledger is None:
+        return None
+    from client.ledger import ReleaseLedger
+    from common.dp.accounting import calibrate
+
+    cal = calibrate(ann.privacy, 2 * ann.histogram.bins)
+    budget = (cfg.policy.privacy.max_epsilon_total, ann.privacy.delta)
+    if ReleaseLedger(cfg.ledger).charge_would_exceed(cal.rho_run, budget):
+        return "dp:budget-exhausted"
+    return None
 
 
 def check_round(
@@ -91,7 +108,32 @@ def score_one(
     )
     merger(cfg, instr.method).apply(instr.candidates[index])
     log_odds = live_scorer.score(data.prepared)
-    return score_histograms(log_odds, data.labels, instr.histogram)
+    return score_histograms(log_odds, data.labels, instr.histogram, reference_edges(cfg, instr))
+
+
+def reference_edges(cfg: NodeConfig, instr: RoundInstructions) -> np.ndarray | None:
+    """Inner bin edges from the public reference cohort scored by the live merge (the
+    candidate already applied), or None for equal-width bins."""
+    spec = instr.histogram
+    if spec.placement != "reference":
+        return None
+    from client.node_cache import reference_prepared
+
+    ref_scorer, prepared = reference_prepared(cfg, instr.method, instr.scoring, spec.reference)
+    return spec.reference_edges(ref_scorer.score(prepared))
+
+
+def noisy_release(histograms: Histograms, instr: RoundInstructions) -> Histograms:
+    """The histograms as this site releases them: with its share of the discrete Gaussian
+    noise when the run is differentially private (drawn once, at release, never redrawn:
+    the round is released at most once)."""
+    if not instr.privacy.on:
+        return histograms
+    from common.dp.accounting import calibrate
+    from common.dp.noise import noisy_counts
+
+    sigma = calibrate(instr.privacy, 2 * instr.histogram.bins).sigma_site
+    return [(noisy_counts(p, sigma), noisy_counts(n, sigma)) for p, n in histograms]
 
 
 def score_candidates(

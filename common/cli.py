@@ -110,7 +110,7 @@ def score(
         "auroc": result["metrics"].auroc,
         "auprc": result["auprc"],
         "auroc_ci": list(result["metrics"].auroc_ci) if result["metrics"].auroc_ci else None,
-        "auroc_error_bound": result["metrics"].auroc_error_bound,
+        "federated": result.get("federated"),
         "stays_per_s": len(records) / elapsed if elapsed > 0 else None,
     }
     if scores_out is not None:
@@ -156,7 +156,13 @@ def _table(summary: dict, result: dict, model: Path, data: str, parity: bool):
     ci = summary["auroc_ci"]
     ci_text = "undefined" if ci is None else f"{ci[0]:.4f} – {ci[1]:.4f}"
     table.add_row("AUROC 95% CI (DeLong)", ci_text)
-    table.add_row("AUROC binning error ≤", f"{summary['auroc_error_bound']:.2e}")
+    fed = summary.get("federated")
+    if fed and fed["auroc"] is not None:
+        table.add_row(
+            f"federated view ({fed['bins']} bins)",
+            f"AUROC {fed['auroc']:.4f} (off by {fed['auroc_error']:.4f}), "
+            f"AUPRC {_fmt(fed['auprc'])} (off by {_fmt(fed['auprc_error'])})",
+        )
     table.add_row("throughput", f"{summary['stays_per_s']:.1f} stays/s")
     for key, value in result["notes"].items():
         table.add_row(key, str(value))

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.dp.settings import PrivacySettings
 from common.merge.config import GROUPS
 from common.metrics import HistogramSpec
 
@@ -64,6 +65,14 @@ REFUSAL_CODES = {
     "ledger:would-isolate": "an earlier sum of the same fold and candidate over a different "
     "number of sites: the two would give a site by difference",
     "ledger:daily-cap": "more releases today than this site allows",
+    "dp:mode-below-policy": "a privacy mode weaker than this site requires (off < distributed "
+    "< local)",
+    "dp:epsilon-above-policy": "an epsilon or delta per run above this site's cap",
+    "dp:honest-sites-below-policy": "distributed noise that assumes fewer honest sites than a "
+    "strict majority of the announced sites or this site's min_sites",
+    "dp:budget-exhausted": "a run whose privacy cost would exceed this site's total budget",
+    "dp:releases-exhausted": "more candidate releases of one fold than the run announced",
+    "dp:too-few-sites": "a distributed-noise sum over fewer sites than the run assumes honest",
     "site:data-unavailable": "the site could not load its data or parents (see its log)",
     "site:scoring-failed": "scoring failed at the site (see its log)",
     "site:handler-failed": "the site's handler failed (see its log)",
@@ -108,6 +117,8 @@ class RecipeTerms(BaseModel):
     folds: int = Field(ge=2)
     fold_seed: int = 0
     scoring: ScoringSettings = ScoringSettings()
+    # Differential privacy of every release of the run (common/dp/settings.py).
+    privacy: PrivacySettings = PrivacySettings()
 
 
 class Announcement(RecipeTerms):

@@ -72,13 +72,17 @@ def encode_histograms(
     histograms: Sequence[tuple[np.ndarray, np.ndarray]],
     bins: int,
     settings: ExactSumSettings | None = None,
+    *,
+    noisy: bool = False,
 ) -> np.ndarray:
     """Concatenate (positives, negatives) per candidate into one float64 vector of counts.
 
     Refuses anything Flower would clip or round: non-integers, negatives, counts above the
-    clipping range, or a wrong number of bins.
+    clipping range, or a wrong number of bins. `noisy` counts (differential privacy) may be
+    negative: Flower's quantizer maps [-clip, clip] to the field, so they still sum exactly.
     """
     settings = settings or ExactSumSettings()
+    floor = -settings.max_count if noisy else 0
     parts: list[np.ndarray] = []
     for i, (pos, neg) in enumerate(histograms):
         for name, hist in (("positives", pos), ("negatives", neg)):
@@ -93,10 +97,11 @@ def encode_histograms(
                     f"secure sum: candidate {i} {name} histogram has dtype {arr.dtype}, "
                     "expected integer counts"
                 )
-            if arr.size and (arr.min() < 0 or arr.max() > settings.max_count):
+            if arr.size and (arr.min() < floor or arr.max() > settings.max_count):
                 raise FedmergeError(
                     f"secure sum: candidate {i} {name} counts span [{arr.min()}, {arr.max()}], "
-                    f"expected within [0, {settings.max_count}] (SecAgg+ would clip silently)"
+                    f"expected within [{floor}, {settings.max_count}] (SecAgg+ would clip "
+                    "silently)"
                 )
             parts.append(arr.astype(np.float64))
     if not parts:
@@ -105,7 +110,7 @@ def encode_histograms(
 
 
 def decode_sum(
-    mean_vector: np.ndarray, n_results: int, candidates: int, bins: int
+    mean_vector: np.ndarray, n_results: int, candidates: int, bins: int, *, noisy: bool = False
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Turn SecAgg+'s mean over `n_results` sites back into summed int64 histograms.
 
@@ -122,7 +127,7 @@ def decode_sum(
     total = vec * n_results
     counts = np.rint(total)
     worst = float(np.max(np.abs(total - counts))) if total.size else 0.0
-    if worst > 1e-3 or (counts.size and counts.min() < 0):
+    if worst > 1e-3 or (not noisy and counts.size and counts.min() < 0):
         raise FedmergeError(
             f"secure sum: aggregate is not an exact non-negative integer sum (max deviation "
             f"{worst:.3g}, min {counts.min():.0f}); the SecAgg+ settings or masks are wrong"

@@ -36,7 +36,7 @@ from common.protocol import (
 from server.grid import CoordinatorGrid
 from server.recipe import TuningRecipe
 from server.scoring_round import score_round
-from server.search import Evaluation, best_of, make_search, run_search
+from server.search import Evaluation, best_within_noise, make_search, run_search
 from server.secagg import describe_error, secure_round
 
 EventFn = Callable[..., None]
@@ -64,6 +64,7 @@ class TuningOutcome:
     refusals: list[dict[str, str]] = field(default_factory=list)
     dropouts: list[dict] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)
+    privacy: dict = field(default_factory=dict)
 
 
 def _reason_of(raw: str | None) -> str:
@@ -80,6 +81,46 @@ def wait_for_nodes(grid, expected: int, wait_s: float) -> list[int]:
         if len(ids) >= expected or time.monotonic() >= deadline:
             return ids
         time.sleep(0.2)
+
+
+def privacy_summary(recipe: TuningRecipe, announced_sites: int) -> dict:
+    """What the report states about differential privacy: mode, (ε, δ) per run and the noise.
+
+    The guarantee is per patient for the whole run (every candidate and round composed);
+    each site also charges it to its own budget in its release ledger.
+    """
+    terms = recipe.privacy_terms(announced_sites)
+    out: dict = {"mode": terms.mode}
+    if not terms.on:
+        out["note"] = "off: exact sums (each sum still hides single sites via SecAgg+)"
+        return out
+    from common.dp.accounting import calibrate
+
+    cal = calibrate(terms, 2 * recipe.histogram.bins)
+    out.update(
+        epsilon=round(cal.epsilon, 6),
+        epsilon_target=terms.epsilon,
+        delta=terms.delta,
+        releases_per_fold=terms.releases,
+        honest_sites=terms.honest_sites,
+        sigma_site=round(cal.sigma_site, 6),
+        sigma_sum=round(cal.sigma_total, 6),
+        rho_run=round(cal.rho_run, 8),
+        neighbouring="one patient added or removed at one site",
+        sensitivity="1 count in each candidate's histograms (L2 = L1 = 1 per release)",
+        mechanism="discrete Gaussian (OpenDP), zCDP composed, converted to (epsilon, delta)",
+    )
+    return out
+
+
+def noise_variance(instr, summed_sites: int) -> float:
+    """Variance per count of the noise in a sum of `summed_sites` sites (0 when off)."""
+    if not instr.privacy.on:
+        return 0.0
+    from common.dp.accounting import calibrate
+
+    cal = calibrate(instr.privacy, 2 * instr.histogram.bins)
+    return cal.noise_variance(summed_sites)
 
 
 def announce(grid: CoordinatorGrid, recipe: TuningRecipe, node_ids: list[int]):
@@ -129,7 +170,7 @@ def run_tuning(
     on_event: EventFn | None = None,
 ) -> TuningOutcome:
     """The whole federated tuning run; raises FedmergeError with a clear message on failure."""
-    from common.metrics import pooled_metrics
+    from common.metrics import noisy_metrics, pooled_metrics
 
     emit = on_event or (lambda *a, **k: None)
     grid = grid if isinstance(grid, CoordinatorGrid) else CoordinatorGrid(grid)
@@ -172,7 +213,8 @@ def run_tuning(
 
     def do_round(candidates: list[Candidate], rnd: int, stage: str):
         instr = recipe.round_instructions(
-            round=rnd, stage=stage, candidates=candidates, sites=len(live)
+            round=rnd, stage=stage, candidates=candidates, sites=len(live),
+            announced_sites=len(node_ids),
         )
         where = f"round {rnd} ({stage})"
         emit("round_start", round=rnd, stage=stage, candidates=candidates)
@@ -213,9 +255,13 @@ def run_tuning(
             )
         emit("secagg_start", round=rnd, stage=stage, sites=len(scored.ready))
         secagg_started = time.perf_counter()
+        # Distributed noise is enough only in a sum of the sites it assumes honest.
+        floor = recipe.min_sites
+        if instr.privacy.mode == "distributed":
+            floor = max(floor, instr.privacy.honest_sites)
         outcome = secure_round(
             grid, context, node_ids=scored.ready, instructions=instr,
-            settings=recipe.secagg, min_sites=recipe.min_sites,
+            settings=recipe.secagg, min_sites=floor,
         )
         for nid, raw in outcome.failures.items():
             lose(nid, rnd, raw)
@@ -238,8 +284,10 @@ def run_tuning(
             }
         )
         out = []
+        variance = noise_variance(instr, len(outcome.contributors))
         for cand, (pos, neg) in zip(candidates, outcome.histograms, strict=True):
-            res = CandidateResult(cand, pooled_metrics(pos, neg), (pos, neg), rnd, sites)
+            metrics = noisy_metrics(pos, neg, variance) if variance else pooled_metrics(pos, neg)
+            res = CandidateResult(cand, metrics, (pos, neg), rnd, sites)
             out.append(res)
         emit("round_end", round=rnd, stage=stage, results=out)
         return out
@@ -261,7 +309,8 @@ def run_tuning(
             "tuning fold: the pooled data has a single class, so AUROC is undefined; expected "
             "both outcomes among the contributing sites"
         )
-    star = best_of(history).candidate
+    # Without noise the best AUROC; with noise the median λ of the noise band (search.py).
+    star = best_within_noise(history).candidate
     test_cands: list[Candidate] = []
     for c in (star, recipe.parent_candidate(0), recipe.parent_candidate(1)):
         if candidate_key(c) not in {candidate_key(t) for t in test_cands}:
@@ -287,4 +336,5 @@ def run_tuning(
         refusals=refusals,
         dropouts=dropouts,
         rounds=rounds,
+        privacy=privacy_summary(recipe, len(node_ids)),
     )

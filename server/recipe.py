@@ -14,8 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common.dp.settings import DEFAULT_DELTA, DEFAULT_EPSILON, PrivacyMode, PrivacySettings
 from common.errors import FedmergeError, validation_error
-from common.metrics import HistogramSpec
+from common.metrics import FEDERATED_HISTOGRAM, HistogramSpec
 from common.protocol import GROUPS, Announcement, Candidate, RoundInstructions, ScoringSettings
 
 
@@ -85,6 +86,19 @@ class SecAggSettings(BaseModel):
         return threshold
 
 
+class PrivacyRecipe(BaseModel):
+    """Differential privacy of the run's releases (README "Privacy model"): `distributed`
+    (the default: each site adds a share of the noise, the sum is (ε, δ)-DP while a SecAgg+
+    threshold of sites is honest), `local` (each site's own release is DP) or `off` (exact
+    sums; sites whose policy requires DP refuse). ε and δ bound the whole run per patient."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: PrivacyMode = "distributed"
+    epsilon: float = Field(default=DEFAULT_EPSILON, gt=0, le=64)
+    delta: float = Field(default=DEFAULT_DELTA, gt=0, le=1e-3)
+
+
 class TuningRecipe(BaseModel):
     """Everything the coordinator needs for one federated λ search."""
 
@@ -108,8 +122,9 @@ class TuningRecipe(BaseModel):
     # Seconds one site may take to score ONE candidate (None: from the parents' size, see
     # `default_score_timeout`). A site slower than this is left out of that round.
     score_timeout: float | None = Field(default=None, gt=0)
-    histogram: HistogramSpec = HistogramSpec()
+    histogram: HistogramSpec = FEDERATED_HISTOGRAM
     scoring: ScoringSettings = ScoringSettings()
+    privacy: PrivacyRecipe = PrivacyRecipe()
 
     @model_validator(mode="after")
     def _valid(self) -> TuningRecipe:
@@ -162,7 +177,32 @@ class TuningRecipe(BaseModel):
             return self.score_timeout
         return default_score_timeout(Path(self.parent_a))
 
-    def terms(self) -> dict[str, object]:
+    def max_releases(self) -> int:
+        """The most candidates one fold can be released for in a run: the whole tuning
+        search (the test round's three candidates use the other fold)."""
+        s = self.search
+        g = len(self.groups) if self.groups else 1
+        if s.strategy == "grid":
+            tune = s.grid_points**g
+        else:
+            tune = s.coarse_points**g + s.max_rounds * 2 * g
+        return max(tune, 3)
+
+    def privacy_terms(self, announced_sites: int) -> PrivacySettings:
+        """The run's privacy as announced: fixed at the announcement for every round. The
+        distributed noise assumes the SecAgg+ threshold of the announced sites is honest (a
+        sum never has fewer sites: SecAgg+ fails below its threshold, and sites refuse)."""
+        p = self.privacy
+        honest = (
+            self.secagg.threshold_for(announced_sites, self.min_sites)
+            if p.mode == "distributed" else 1
+        )
+        return PrivacySettings(
+            mode=p.mode, epsilon=p.epsilon, delta=p.delta, releases=self.max_releases(),
+            honest_sites=honest,
+        )
+
+    def terms(self, announced_sites: int) -> dict[str, object]:
         """The fields every message of a run restates (`common.protocol.RecipeTerms`)."""
         return {
             "recipe_fingerprint": self.fingerprint(),
@@ -171,12 +211,13 @@ class TuningRecipe(BaseModel):
             "folds": self.folds,
             "fold_seed": self.fold_seed,
             "scoring": self.scoring,
+            "privacy": self.privacy_terms(announced_sites),
         }
 
     def announcement(self, sites: int) -> Announcement:
         """What the sites check their policy against before any round."""
         return Announcement(
-            **self.terms(),
+            **self.terms(sites),
             sites=sites,
             max_candidates_per_round=self.search.max_candidates_per_round,
             score_folds=(self.tune_fold, self.test_fold),
@@ -185,11 +226,12 @@ class TuningRecipe(BaseModel):
 
     def round_instructions(
         self, *, round: int, stage: Literal["tune", "test"], candidates: list[Candidate],
-        sites: int,
+        sites: int, announced_sites: int | None = None,
     ) -> RoundInstructions:
-        """One round's instructions: the recipe's terms plus the round's candidates and fold."""
+        """One round's instructions: the recipe's terms (as announced to `announced_sites`)
+        plus the round's candidates and fold."""
         return RoundInstructions(
-            **self.terms(),
+            **self.terms(announced_sites if announced_sites is not None else sites),
             round=round,
             stage=stage,
             candidates=candidates,
@@ -251,6 +293,11 @@ RUN_KEYS = {
     "max-patient-tokens": ("scoring", "max_patient_tokens"),
     "batch-tokens": ("scoring", "batch_tokens"),
     "hard": ("scoring", "hard"),
+    "bin-placement": ("histogram", "placement"),
+    "bin-reference": ("histogram", "reference"),
+    "privacy": ("privacy", "mode"),
+    "epsilon": ("privacy", "epsilon"),
+    "delta": ("privacy", "delta"),
 }
 # Run-config keys the apps read elsewhere (simulation data, output directory).
 OTHER_RUN_KEYS = {"data", "split", "split-seed", "out", "sites"}

@@ -30,6 +30,7 @@ def _figures(r: CandidateResult) -> dict:
         "n": m.n,
         "positives": m.positives,
         "auroc_error_bound": m.auroc_error_bound,
+        "noise_sd": m.noise_sd,
         "sites": list(r.sites),
         "round": r.round,
     }
@@ -57,6 +58,7 @@ def report_dict(outcome: TuningOutcome) -> dict:
             "test": recipe.test_fold,
         },
         "histogram": recipe.histogram.model_dump(),
+        "privacy": outcome.privacy,
         "tune": [_figures(r) for r in outcome.tune],
         "test": {name: _figures(r) for name, r in outcome.test.items()},
         "accepted_sites": outcome.accepted_sites,
@@ -173,6 +175,15 @@ def print_table(report: dict, console=None) -> None:
         test.add_row(label, _lam_text(t["lambda"]), _fmt(t["auroc"]), _fmt(t["auprc"]), str(t["n"]))
     console.print(test)
     console.print(f"contributing sites: {', '.join(report['contributing_sites'])}")
+    privacy = report.get("privacy") or {}
+    if privacy.get("mode", "off") == "off":
+        console.print("differential privacy: off (exact sums)")
+    else:
+        console.print(
+            f"differential privacy: {privacy['mode']}, ε = {privacy['epsilon']:.3g}, "
+            f"δ = {privacy['delta']:.0e} per run (noise σ {privacy['sigma_sum']:.3g} per count "
+            "in the sum; CIs include it)"
+        )
     for r in report["refusals"]:
         console.print(f"[yellow]refused[/] {r['site']} ({r['stage']}): {r['reason']}")
     for d in report["dropouts"]:

@@ -167,5 +167,6 @@ def secure_round(
         len(strategy.result_node_ids),
         len(instructions.candidates),
         instructions.histogram.bins,
+        noisy=instructions.privacy.on,
     )
     return RoundOutcome(histograms, sorted(strategy.result_node_ids), failures)

@@ -71,6 +71,18 @@ def simulate(
             "size); a slower site is left out of the round.",
         ),
     ] = None,
+    privacy: Annotated[
+        str | None,
+        typer.Option(
+            "--privacy",
+            help="off | distributed | local differential privacy of the released histograms "
+            "(default off in simulation: exact sums).",
+        ),
+    ] = None,
+    epsilon: Annotated[
+        float | None,
+        typer.Option("--epsilon", help="ε per run when --privacy is on (default 8)."),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("runs/simulate"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of the site split.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's own log.")] = False,
@@ -89,6 +101,18 @@ def simulate(
         if timeout <= 0:
             raise FedmergeError(f"--timeout {timeout}: expected seconds > 0")
         fields["score_timeout"] = timeout
+    if privacy is not None or epsilon is not None:
+        if privacy is not None and privacy not in ("off", "distributed", "local"):
+            raise FedmergeError(f"--privacy {privacy}: expected off, distributed or local")
+        chosen = dict(fields.get("privacy") or {})
+        if privacy is not None:
+            chosen["mode"] = privacy
+        if epsilon is not None:
+            if not 0 < epsilon <= 64:
+                raise FedmergeError(f"--epsilon {epsilon}: expected 0 < ε <= 64")
+            chosen.setdefault("mode", "distributed")
+            chosen["epsilon"] = epsilon
+        fields["privacy"] = chosen
     if data is None and split == "region" and sites is None:
         sites = 3
     if split != "region" and sites is None:

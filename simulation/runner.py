@@ -83,6 +83,8 @@ def run_simulation(
         "parent_b": str(parents[1]),
         "method": method,
         "search": {"strategy": search},
+        # A researcher's simulation releases exact sums unless asked for noise (--privacy).
+        "privacy": {"mode": "off"},
     }
     for key, value in (recipe_fields or {}).items():
         if isinstance(value, Mapping) and isinstance(fields.get(key), Mapping):
@@ -93,6 +95,9 @@ def run_simulation(
     run_keys = {
         "data": data, "split": split, "split-seed": split_seed,
         "bins": recipe.histogram.bins, "lo": recipe.histogram.lo, "hi": recipe.histogram.hi,
+        "bin-placement": recipe.histogram.placement, "bin-reference": recipe.histogram.reference,
+        "privacy": recipe.privacy.mode, "epsilon": recipe.privacy.epsilon,
+        "delta": recipe.privacy.delta,
         "fold-seed": recipe.fold_seed, "template": recipe.scoring.template or "",
         "use-chat-template": recipe.scoring.use_chat_template,
     }

@@ -148,3 +148,44 @@ def test_bad_input_is_one_clear_error(call, needle):
 def test_bad_spec_is_rejected():
     with pytest.raises(ValueError, match="lo < hi"):
         HistogramSpec(lo=1.0, hi=1.0)
+
+
+# --- exact local metrics and reference-placed bins ------------------------------------------
+
+
+def test_exact_metrics_equal_scikit_learn_with_ties():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from common.metrics import exact_metrics
+
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 2, 400)
+    x = np.round(rng.normal(y * 0.8, 1.0), 1)  # rounding makes many ties across classes
+    m = exact_metrics(x, y)
+    assert m.auroc == pytest.approx(roc_auc_score(y, x), abs=1e-12)
+    assert m.auprc == pytest.approx(average_precision_score(y, x), abs=1e-12)
+    assert m.n == 400 and m.positives == int(y.sum())
+    lo, hi = m.auroc_ci
+    assert lo < m.auroc < hi
+
+
+def test_reference_bins_follow_the_public_reference_and_keep_the_order():
+    from common.metrics import FEDERATED_HISTOGRAM, pooled_metrics, score_histograms
+
+    spec = FEDERATED_HISTOGRAM
+    rng = np.random.default_rng(5)
+    reference = rng.normal(-2.5, 1.0, 384)
+    edges = spec.reference_edges(reference)
+    assert edges.shape == (spec.bins - 1,) and np.all(np.diff(edges) >= 0)
+    # Quantiles: each bin holds about 1/32 of the reference.
+    counts = np.bincount(spec.bin_index(reference, edges), minlength=spec.bins)
+    assert counts.max() - counts.min() <= 2
+    # A monotone map: scores in higher bins are higher; metrics keep within the tie bound.
+    y = rng.integers(0, 2, 500)
+    x = rng.normal(-2.5 + y, 1.0)
+    m = pooled_metrics(*score_histograms(x, y, spec, edges))
+    from sklearn.metrics import roc_auc_score
+
+    assert abs(m.auroc - roc_auc_score(y, x)) <= m.auroc_error_bound
+    with pytest.raises(FedmergeError, match="31 inner edges"):
+        score_histograms(x, y, spec)

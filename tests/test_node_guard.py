@@ -242,7 +242,7 @@ def test_the_parent_fingerprint_covers_the_tokenizer_and_chat_template(tiny_pare
     assert fingerprint(copy) != fingerprint(tiny_parents[0])
 
 
-def _four_sites(tiny_parents, ledgers):
+def _four_sites(tiny_parents, ledgers, privacy="off", **extra):
     """Four real sites of one cohort, each with its ledger file (or none)."""
     a, b = tiny_parents
     configs = {
@@ -250,7 +250,8 @@ def _four_sites(tiny_parents, ledgers):
             "data": "synthetic:sites=4,stays=48,seed=9", "parent-a": str(a),
             "parent-b": str(b), "split": "region", "sim-sites": 4, "sim-index": i,
             "min-cohort": 5, "min-positives": 0, "bins": 16, "lo": -4.0, "hi": 4.0,
-            **({"ledger": str(ledgers / f"site-{i}.jsonl")} if ledgers else {}),
+            "bin-placement": "uniform", "privacy": privacy,
+            **({"ledger": str(ledgers / f"site-{i}.jsonl")} if ledgers else {}), **extra,
         }
         for i in range(4)
     }
@@ -285,7 +286,7 @@ def test_differencing_two_runs_isolates_a_site_only_without_the_ledger(tiny_pare
     a, b = tiny_parents
     recipe = TuningRecipe(
         parent_a=str(a), parent_b=str(b), method="linear", scoring={"max_patient_tokens": 64},
-        histogram={"bins": 16, "lo": -4.0, "hi": 4.0},
+        histogram={"bins": 16, "lo": -4.0, "hi": 4.0}, privacy={"mode": "off"},
     ).with_fingerprints()
     configs = _four_sites(tiny_parents, tmp_path if with_ledger else None)
     first, _ = _one_run(tiny_parents, configs, recipe, [101, 102, 103, 104])
@@ -347,3 +348,49 @@ def test_an_unexpected_failure_reaches_the_coordinator_as_a_code_only(tiny_paren
     assert set(_codes(grid).values()) == {"site:handler-failed"}
     seen = repr([m.error.reason for m in grid.received if m.has_error()])
     assert "MRN" not in seen and "site-b" not in seen and "RuntimeError" not in seen
+
+
+def test_with_noise_the_difference_is_noise_and_the_ledger_charges_the_budget(tiny_parents,
+                                                                              tmp_path):
+    """The same differencing coordinator against sites that add distributed noise: run 2 is
+    not refused but charged; the difference of the two sums is not D's histograms (a noisy
+    estimate whose error the budget bounds); a third run past the site's total budget is
+    refused at the announcement, before anything is scored."""
+    import numpy as np
+
+    from client.ledger import ReleaseLedger, spent_epsilon
+    from client.node_config import parse_node_config
+    from client.task import score_one
+
+    a, b = tiny_parents
+    recipe = TuningRecipe(
+        parent_a=str(a), parent_b=str(b), method="linear", scoring={"max_patient_tokens": 64},
+        histogram={"bins": 16, "lo": -4.0, "hi": 4.0},
+        privacy={"mode": "distributed", "epsilon": 4.0},
+    ).with_fingerprints()
+    from common.dp.accounting import calibrate, epsilon_of_rho
+
+    terms = recipe.privacy_terms(4)
+    rho1 = calibrate(terms, 32).rho_release
+    # Room for run 2's announcement (2 + 11 releases) but not run 3's (4 + 11).
+    budget = 0.5 * (epsilon_of_rho(13 * rho1, 1e-6) + epsilon_of_rho(15 * rho1, 1e-6))
+    configs = _four_sites(tiny_parents, tmp_path, privacy="distributed",
+                          **{"max-epsilon-total": budget})
+    first, _ = _one_run(tiny_parents, configs, recipe, [101, 102, 103, 104])
+    second, scored = _one_run(tiny_parents, configs, recipe, [101, 102, 103])
+    assert first is not None and second is not None, scored.failed
+    instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75], sites=4)
+    d = [score_one(parse_node_config(configs[104]), instr, i) for i in range(2)]
+    diff = np.concatenate([first[c][k] - second[c][k] for c in range(2) for k in range(2)])
+    exact = np.concatenate([d[c][k] for c in range(2) for k in range(2)])
+    assert not np.array_equal(diff, exact)
+    # Each of A, B, C was charged twice: two releases of 2 candidates, ρ each = 2 ρ_release.
+    for i in range(3):
+        ledger = ReleaseLedger(tmp_path / f"site-{i}.jsonl")
+        assert [e.rho for e in ledger.entries()] == pytest.approx([2 * rho1] * 2)
+        assert spent_epsilon(ledger, 1e-6) == pytest.approx(epsilon_of_rho(4 * rho1, 1e-6))
+    # A third run could cost 11 more releases of the fold: past the budget in total.
+    grid = _grid(tiny_parents, configs={n: configs[n] for n in (101, 102, 103)})
+    accepted, refusals = announce(grid, recipe, [101, 102, 103])
+    assert not accepted
+    assert {r["reason"] for r in refusals} == {"dp:budget-exhausted"}

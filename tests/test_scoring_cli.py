@@ -14,10 +14,9 @@ from typer.testing import CliRunner
 from common.cli import app
 from common.data.folds import select_fold
 from common.errors import FedmergeError
-from common.metrics import HistogramSpec
 from tests.test_scoring import make_records
 
-KEYS = {"n", "positives", "auroc", "auprc", "auroc_ci", "auroc_error_bound", "stays_per_s"}
+KEYS = {"n", "positives", "auroc", "auprc", "auroc_ci", "federated", "stays_per_s"}
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +50,15 @@ def test_score_json_and_scores_out(tiny_parents, jsonl, tmp_path):
     labels = np.array([int(r["label"]) for r in rows])
     p = np.array([float(r["p_yes"]) for r in rows])
     assert ((p > 0) & (p < 1)).all() and p.std() > 1e-4
-    # The printed metrics are those of the written scores (histogram route, within its bound).
-    assert abs(summary["auroc"] - roc_auc_score(labels, p)) <= summary["auroc_error_bound"] + 1e-9
-    # Exactly sklearn's on the bin-quantised scores (each bin one threshold).
-    bins = HistogramSpec().bin_index(np.log(p / (1 - p)))
-    assert summary["auprc"] == pytest.approx(average_precision_score(labels, bins), abs=1e-12)
-    assert summary["auroc"] == pytest.approx(roc_auc_score(labels, bins), abs=1e-12)
+    # The printed metrics are exactly scikit-learn's on the written scores.
+    assert summary["auroc"] == pytest.approx(roc_auc_score(labels, p), abs=1e-9)
+    assert summary["auprc"] == pytest.approx(average_precision_score(labels, p), abs=1e-9)
     lo, hi = summary["auroc_ci"]
     assert lo <= summary["auroc"] <= hi
+    # The federation's binned view is an extra field, with its error against the exact one.
+    fed = summary["federated"]
+    assert fed["bins"] == 32
+    assert fed["auroc_error"] == pytest.approx(abs(fed["auroc"] - summary["auroc"]), abs=1e-12)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["scores.csv"]  # no temp file left
 
 

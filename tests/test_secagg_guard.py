@@ -89,9 +89,10 @@ def recipe(tiny_parents):
     ).with_fingerprints()
 
 
-def _scored_sites(tiny_parents, recipe, *, guarded: bool, round_no: int = 1, tamper=None):
+def _scored_sites(tiny_parents, recipe, *, guarded: bool, round_no: int = 1, tamper=None,
+                  **node_extra):
     """Three real sites that accepted the recipe and hold round `round_no`'s histograms."""
-    configs = _node_configs(tiny_parents)
+    configs = _node_configs(tiny_parents, **node_extra)
     apps = {n: (node_app.make_client_app() if guarded else _unguarded_app()) for n in configs}
     grid = CoordinatorGrid(LoopbackGrid(apps, configs, tamper=tamper))
     accepted, refusals = announce(grid, recipe, sorted(apps))
@@ -115,8 +116,12 @@ def _plaintext(grid, node, instr) -> np.ndarray:
 
 @pytest.mark.adversarial
 def test_the_attack_reads_a_site_through_flowers_unchecked_mod(tiny_parents, recipe):
-    """Control: against Flower's mod as shipped, the coordinator rebuilds site 101 exactly."""
-    grid, instr = _scored_sites(tiny_parents, recipe, guarded=False)
+    """Control: against Flower's mod as shipped, the coordinator rebuilds site 101 exactly
+    (exact sums: with differential privacy on it would rebuild a noisy release instead)."""
+    from server.recipe import PrivacyRecipe
+
+    recipe = recipe.model_copy(update={"privacy": PrivacyRecipe(mode="off")})
+    grid, instr = _scored_sites(tiny_parents, recipe, guarded=False, privacy="off")
     target = NODES[0]
     recovered, shares = run_attack(grid, NODES, instr, target=target, split=False,
                                    threshold=0.67)

@@ -1,5 +1,6 @@
 """AUROC and AUPRC from score histograms, so sites can sum statistics instead of pooling scores."""
 
+from common.metrics.exact import exact_metrics
 from common.metrics.histogram import DEFAULT_REFERENCE, HistogramSpec, score_histograms
 from common.metrics.noisy import noisy_metrics
 from common.metrics.pooled import PooledMetrics, auprc_error_bound, pooled_metrics
@@ -13,6 +14,7 @@ __all__ = [
     "HistogramSpec",
     "PooledMetrics",
     "auprc_error_bound",
+    "exact_metrics",
     "noisy_metrics",
     "pooled_metrics",
     "score_histograms",

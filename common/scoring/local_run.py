@@ -44,7 +44,8 @@ def load_model(model_dir: Path):
 
 
 def run_scorer(lm, tokenizer, records, batch_tokens, max_patient_tokens, chat, advance):
-    from common.metrics import pooled_metrics, score_histograms
+    """Exact metrics of this model's scores, and what a federation would see of them."""
+    from common.metrics import exact_metrics
     from common.scoring import PromptTemplate, YesNoScorer, p_yes
 
     scorer = YesNoScorer(
@@ -53,11 +54,35 @@ def run_scorer(lm, tokenizer, records, batch_tokens, max_patient_tokens, chat, a
     )
     prepared = scorer.prepare(records)
     log_odds = scorer.score(prepared, progress=advance)
-    metrics = pooled_metrics(*score_histograms(log_odds, prepared.labels))
+    metrics = exact_metrics(log_odds, prepared.labels)
     return {
         "metrics": metrics, "auprc": metrics.auprc, "p_yes": p_yes(log_odds),
+        "federated": federated_view(scorer, log_odds, prepared.labels, metrics),
         "notes": {"truncated": prepared.truncated,
                   "padding": f"{100 * prepared.padding_fraction:.1f}%"},
+    }
+
+
+def federated_view(scorer, log_odds, labels, exact) -> dict:
+    """The binned figures a federation releases for these scores (the default 32 bins placed
+    by the public reference cohort, scored by the same model), with their error."""
+    from common.data import load_records
+    from common.metrics import FEDERATED_HISTOGRAM, pooled_metrics, score_histograms
+
+    spec = FEDERATED_HISTOGRAM
+    reference = scorer.score(scorer.prepare(load_records(spec.reference)))
+    binned = pooled_metrics(
+        *score_histograms(log_odds, labels, spec, spec.reference_edges(reference))
+    )
+
+    def gap(a, b):
+        return None if a is None or b is None else abs(a - b)
+
+    return {
+        "bins": spec.bins, "reference": spec.reference,
+        "auroc": binned.auroc, "auprc": binned.auprc,
+        "auroc_error": gap(binned.auroc, exact.auroc),
+        "auprc_error": gap(binned.auprc, exact.auprc),
     }
 
 
@@ -65,7 +90,7 @@ def run_parity(lm, tokenizer, records, max_patient_tokens, chat, advance):
     """AUROC from the parsed answers, AUPRC from first-step yes/no probabilities (the paper)."""
     import numpy as np
 
-    from common.metrics import HistogramSpec, pooled_metrics, score_histograms
+    from common.metrics import HistogramSpec, exact_metrics, pooled_metrics, score_histograms
     from common.scoring import ParityScorer, PromptTemplate, p_yes
 
     result = ParityScorer(
@@ -78,7 +103,7 @@ def run_parity(lm, tokenizer, records, max_patient_tokens, chat, advance):
     answer_score[result.predictions == 0] = -1.0
     answers = pooled_metrics(*score_histograms(answer_score, result.labels, HistogramSpec(bins=3,
                                                lo=-1.5, hi=1.5)))
-    probs = pooled_metrics(*score_histograms(result.log_odds, result.labels))
+    probs = exact_metrics(result.log_odds, result.labels)
     return {
         "metrics": answers, "auprc": probs.auprc, "p_yes": p_yes(result.log_odds),
         "notes": {"unparsed answers": int((result.predictions == -1).sum()),
