@@ -20,8 +20,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 COHORT = "synthetic:sites=3,stays=60/60/60,seed=7"
-POLICY = {"min_cohort": 5, "min_positives": 1}
+# Exact sums on both sides, so the deployment's report can equal the simulation's bit for bit
+# (deployments default to distributed noise: test_deploy_faults runs with it).
+POLICY = {"min_cohort": 5, "min_positives": 1, "privacy": {"min_mode": "off"}}
 RECIPE = {
+    "privacy": {"mode": "off"},
     "method": "linear",
     "search": {"strategy": "grid", "grid_points": 3},
     "secagg": {"timeout": 60.0},
