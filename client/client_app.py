@@ -93,11 +93,50 @@ def _refuse(msg: Message, site: str, reason: str) -> Message:
     )
 
 
+class _AnnouncementRate:
+    """Announcements this node process answered in the last hour, per site name.
+
+    Why: every answered announcement teaches the coordinator something (a code for a rule),
+    and a site's data is loaded to check cohort sizes; a cap bounds how fast a coordinator can
+    probe the policy with variations. Kept in the process (the node's persistent worker), so
+    a restart resets it: a bound on rate, not on the total (the ledger bounds releases).
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._times: dict[str, list[float]] = {}
+
+    def reset(self) -> None:
+        with self._lock:
+            self._times.clear()
+
+    def admit(self, site: str, per_hour: int, now: float | None = None) -> bool:
+        import time
+
+        now = time.time() if now is None else now
+        with self._lock:
+            recent = [t for t in self._times.get(site, []) if t > now - 3600.0]
+            if len(recent) >= per_hour:
+                self._times[site] = recent
+                return False
+            self._times[site] = [*recent, now]
+            return True
+
+
+_ANNOUNCEMENTS = _AnnouncementRate()
+
+
 def handle_announcement(msg: Message, context: Context, cfg: NodeConfig) -> Message:
     """Policy check before any SecAgg+ round; accept with the site's name or refuse."""
     from client.task import check_announcement
 
     site = cfg.site or "site"
+    node_key = repr((cfg.site, cfg.data, cfg.simulated))
+    if not _ANNOUNCEMENTS.admit(node_key, cfg.policy.max_announcements_per_hour):
+        log.info("announcement refused: policy:announcement-rate")
+        return _refuse(msg, site, "policy:announcement-rate")
     try:
         ann = Announcement.model_validate_json(
             str(msg.content.config_records[RECORD_NAME][INSTRUCTIONS_KEY])

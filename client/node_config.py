@@ -58,6 +58,8 @@ class SitePolicy(BaseModel):
     max_candidates: int = Field(default=32, ge=1, le=1024)
     max_rounds: int = Field(default=16, ge=1, le=1000)
     max_releases_per_day: int = Field(default=48, ge=1, le=10_000)
+    # Announcements answered per hour (accepted or refused): probing the policy costs time.
+    max_announcements_per_hour: int = Field(default=30, ge=1, le=10_000)
     # Pinned: what may shape a release is the site's choice, not the coordinator's.
     methods: tuple[Literal["slerp", "linear"], ...] = ("slerp", "linear")
     folds: int = Field(default=2, ge=2, le=10)
@@ -126,6 +128,7 @@ POLICY_KEYS = {
     "max-candidates": "max_candidates",
     "max-rounds": "max_rounds",
     "max-releases-per-day": "max_releases_per_day",
+    "max-announcements-per-hour": "max_announcements_per_hour",
     "methods": "methods",  # comma list
     "folds": "folds",
     "fold-seed": "fold_seed",

@@ -55,3 +55,13 @@ def eicu_demo_dir() -> Path:
             f"eICU demo not found at {EICU_DEMO}: these tests read ../shared/data/eicu-demo"
         )
     return EICU_DEMO
+
+
+@pytest.fixture(autouse=True)
+def _fresh_announcement_rate():
+    """Each test starts with no announcements counted against the nodes' hourly cap (the
+    suite sends many more in one process than a real node would see)."""
+    from client.client_app import _ANNOUNCEMENTS
+
+    _ANNOUNCEMENTS.reset()
+    yield

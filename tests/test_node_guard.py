@@ -394,3 +394,22 @@ def test_with_noise_the_difference_is_noise_and_the_ledger_charges_the_budget(ti
     accepted, refusals = announce(grid, recipe, [101, 102, 103])
     assert not accepted
     assert {r["reason"] for r in refusals} == {"dp:budget-exhausted"}
+
+
+@pytest.mark.adversarial
+def test_probing_the_policy_is_rate_limited(tiny_parents, recipe):
+    """A coordinator that re-announces to probe a site's rules gets `policy:announcement-rate`
+    once the site's hourly cap is spent, before any data is loaded; an hour later it answers."""
+    from client.client_app import _AnnouncementRate
+
+    configs = _configs(tiny_parents, **{"max-announcements-per-hour": 2})
+    grid = _grid(tiny_parents, configs=configs)
+    for _ in range(2):
+        accepted, refusals = announce(grid, recipe, NODES)
+        assert sorted(accepted) == NODES and refusals == []
+    accepted, refusals = announce(grid, recipe, NODES)
+    assert not accepted
+    assert {r["reason"] for r in refusals} == {"policy:announcement-rate"}
+    rate = _AnnouncementRate()
+    assert rate.admit("a", 1, now=0.0) and not rate.admit("a", 1, now=10.0)
+    assert rate.admit("a", 1, now=3601.0)
