@@ -1,0 +1,84 @@
+"""A whole tuning run with differential privacy on, real sites over the loopback Grid: the
+noise reaches the sums, the report states the guarantee, the estimates respect the noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from secagg_support import task_identity  # noqa: F401 (autouse fixture)
+
+from client import client_app as node_app
+from server.grid import CoordinatorGrid
+from simulation.loopback_grid import LoopbackGrid
+
+NODES = [101, 102, 103]
+DATA = "synthetic:sites=3,stays=60/60/60,seed=4"
+
+
+def _run(tiny_parents, privacy: dict, site_privacy: str):
+    from flwr.app import Context, RecordDict
+
+    from server.coordinator import run_tuning
+    from server.recipe import TuningRecipe
+
+    a, b = tiny_parents
+    configs = {
+        101 + i: {
+            "data": DATA, "parent-a": str(a), "parent-b": str(b), "split": "region",
+            "sim-sites": 3, "sim-index": i, "min-cohort": 5, "min-positives": 1,
+            "privacy": site_privacy,
+        }
+        for i in range(3)
+    }
+    recipe = TuningRecipe(
+        parent_a=str(a), parent_b=str(b), method="linear", scoring={"max_patient_tokens": 64},
+        search={"strategy": "grid", "grid_points": 3}, privacy=privacy,
+    )
+    apps = {n: node_app.make_client_app() for n in configs}
+    grid = CoordinatorGrid(LoopbackGrid(apps, configs))
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    return run_tuning(grid, ctx, recipe, expected_sites=3, wait_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def exact(tiny_parents):
+    return _run(tiny_parents, {"mode": "off"}, "off")
+
+
+@pytest.mark.parametrize("mode", ["distributed", "local"])
+def test_a_private_run_releases_noisy_sums_and_states_its_guarantee(tiny_parents, exact, mode):
+    from common.dp.accounting import calibrate
+
+    noisy = _run(tiny_parents, {"mode": mode, "epsilon": 4.0}, mode)
+    p = noisy.privacy
+    assert p["mode"] == mode and p["epsilon"] <= 4.0 and p["delta"] == 1e-6
+    assert p["releases_per_fold"] == 3
+    assert p["honest_sites"] == (3 if mode == "distributed" else 1)
+    terms = noisy.recipe.privacy_terms(3)
+    cal = calibrate(terms, 64)
+    assert p["sigma_site"] == pytest.approx(cal.sigma_site, rel=1e-6)
+    # Local noise is the full scale at every site; distributed splits it over the 3 honest.
+    assert cal.sigma_site == pytest.approx(
+        cal.sigma_total / (3**0.5 if mode == "distributed" else 1.0))
+    differ = 0
+    for e, r in zip(exact.tune, noisy.tune, strict=True):
+        assert e.candidate == r.candidate
+        diff = np.concatenate(r.histograms) - np.concatenate(e.histograms)
+        differ += int(np.any(diff != 0))
+        # The sum's noise has the variance of three site draws per count (6 SD bound).
+        assert np.abs(diff).max() <= 6 * (3**0.5) * cal.sigma_site
+        m = r.metrics
+        assert m.noise_sd > 0 and m.auroc_ci[0] <= m.auroc <= m.auroc_ci[1]
+        # The interval is wider than the exact run's: it carries the noise.
+        assert m.auroc_ci[1] - m.auroc_ci[0] > e.metrics.auroc_ci[1] - e.metrics.auroc_ci[0]
+    assert differ == len(exact.tune)
+    assert noisy.lambda_star in [r.candidate for r in noisy.tune]
+
+
+def test_a_site_requiring_noise_refuses_an_exact_run(tiny_parents):
+    from common.errors import FedmergeError
+
+    with pytest.raises(FedmergeError, match="dp:mode-below-policy"):
+        _run(tiny_parents, {"mode": "off"}, "distributed")
+    with pytest.raises(FedmergeError, match="dp:mode-below-policy"):
+        _run(tiny_parents, {"mode": "distributed"}, "local")
