@@ -181,30 +181,44 @@ class PhasePeaks:
         return {"phases": self.peaks, "hwm_gb": self.read()["VmHWM"]}
 
 
-def child_big(a: str, b: str, repeats: int) -> dict:
-    """Open a large pair, switch it, and record time and memory by phase."""
+def child_big(a: str, b: str, repeats: int, device: str = "cpu",
+              placement: str = "auto") -> dict:
+    """Open a large pair, switch it, and record time and memory by phase (on CUDA also the
+    device's peak allocated bytes, the live model in float32 so the budget compares)."""
     import torch
 
     from common.merge.switch import InPlaceMerger
 
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     peaks = PhasePeaks()
     peaks.enter("open")
     t0 = time.perf_counter()
-    merger = InPlaceMerger(a, b, method="slerp")
+    merger = InPlaceMerger(a, b, method="slerp", device=device, dtype=torch.float32,
+                           parents=placement)
+    sync()
     init_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     peaks.enter("first_switch")
     t0 = time.perf_counter()
     merger.apply(0.5)
+    sync()
     first_s = time.perf_counter() - t0
     peaks.enter("switch")
     times = []
     for i in range(repeats):
         t0 = time.perf_counter()
         merger.apply(LAMBDAS[i % len(LAMBDAS)])
+        sync()
         times.append(time.perf_counter() - t0)
     mem = peaks.stop()
-    return {"init_s": init_s, "first_switch_s": first_s, "switch_s": statistics.median(times),
-            **merger.memory, **mem, "threads": torch.get_num_threads()}
+    out = {"init_s": init_s, "first_switch_s": first_s, "switch_s": statistics.median(times),
+           **merger.memory, **mem, "threads": torch.get_num_threads(),
+           "placement_reason": merger.placement_reason}
+    if cuda:
+        out["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return out
 
 
 def child_merge(a: str, b: str, repeats: int) -> dict:
@@ -224,10 +238,10 @@ def child_merge(a: str, b: str, repeats: int) -> dict:
 
 
 def run_child(mode: str, a: Path, b: Path | str, repeats: int, threads: int,
-              scale: float = 1.0):
+              scale: float = 1.0, extra: tuple[str, ...] = ()):
     proc = subprocess.run(
         [sys.executable, __file__, "--child", mode, str(a), str(b), "--repeats", str(repeats),
-         "--threads", str(threads), "--big-scale", str(scale)],
+         "--threads", str(threads), "--big-scale", str(scale), *extra],
         capture_output=True, text=True, check=False,
     )
     if proc.returncode != 0:
@@ -239,13 +253,15 @@ def run_child(mode: str, a: Path, b: Path | str, repeats: int, threads: int,
 def big_case(args) -> dict:
     """The large pair: build (or reuse) it, switch it, merge it; each in its own process."""
     root = Path(args.big_dir) if args.big_dir else (
-        Path(tempfile.gettempdir()) / f"fedmerge-bench-big-{args.big_scale:g}")
+        Path(tempfile.gettempdir()) / f"fedmerge-bench-big-{args.big_shape}-{args.big_scale:g}")
     t0 = time.perf_counter()
-    a, b = map(Path, run_child("build-big", root, "-", 0, 0, args.big_scale))
+    a, b = map(Path, run_child("build-big", root, "-", 0, 0, args.big_scale,
+                               ("--big-shape", args.big_shape)))
     print(f"large parents ready in {time.perf_counter() - t0:.1f} s under {root}", flush=True)
-    sw = run_child("big", a, b, args.big_repeats, args.threads, args.big_scale)
+    sw = run_child("big", a, b, args.big_repeats, args.threads, args.big_scale,
+                   ("--device", args.device, "--parent-placement", args.parent_placement))
     out = {"sw": sw}
-    if not args.skip_merge:
+    if not args.skip_merge and args.device == "cpu":
         out["merge"] = run_child("merge", a, b, 0, args.threads, args.big_scale)
     return out
 
@@ -283,6 +299,13 @@ def big_report(big: dict) -> dict:
               f"+ mapped file pages {p['RssFile']:.2f} (sampled every 5 ms)")
     print(f"  peak RSS (VmHWM, anon + file pages) {result['big_rss_gb']:.2f} GB, budget "
           f"{budget:.2f} GB = live + parents + 0.6")
+    if "device_peak_bytes" in sw:
+        result["big_device_peak_gb"] = round(sw["device_peak_bytes"] / 1e9, 3)
+        result["big_device_budget_gb"] = round(live / 1e9 + 1.0, 3)
+        result["big_placement"] = sw["placement"]
+        print(f"  device: parents {sw['placement']} ({sw['placement_reason']}); peak allocated "
+              f"{result['big_device_peak_gb']} GB (target <= live + 1 GB = "
+              f"{result['big_device_budget_gb']} GB)")
     if "merge" in big:
         mg = big["merge"]
         mp = mg["phases"]["merge"]
@@ -313,6 +336,12 @@ def main() -> None:
     parser.add_argument("--skip-merge", action="store_true",
                         help="large case: skip measuring `fedmerge merge`")
     parser.add_argument("--skip-small", action="store_true", help="only the large case")
+    parser.add_argument("--big-shape", choices=("tinyllama", "7b"), default="tinyllama",
+                        help="large case shape: TinyLlama 1.1B, or Llama-2-7B's (for a GPU)")
+    parser.add_argument("--device", default="cpu", help="large case switch device (cuda: "
+                        "also reports the device's peak allocated memory)")
+    parser.add_argument("--parent-placement", choices=("auto", "device", "host"),
+                        default="auto", help="large case on CUDA: where the parents live")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "A", "B"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -321,16 +350,19 @@ def main() -> None:
             print(json.dumps([str(p) for p in build_parents(Path(a), b == "small")]))
             return
         if mode == "build-big":
-            from bench.big_parents import build_pair
+            from bench.big_parents import LLAMA_7B, TINYLLAMA, build_pair
 
-            print(json.dumps([str(p) for p in build_pair(Path(a), args.big_scale)]))
+            shape = LLAMA_7B if args.big_shape == "7b" else TINYLLAMA
+            print(json.dumps([str(p) for p in build_pair(Path(a), args.big_scale, shape)]))
             return
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        fn = {"switch": child_switch, "naive": child_naive, "big": child_big,
-              "merge": child_merge}[mode]
+        if mode == "big":
+            print(json.dumps(child_big(a, b, args.repeats, args.device, args.parent_placement)))
+            return
+        fn = {"switch": child_switch, "naive": child_naive, "merge": child_merge}[mode]
         print(json.dumps(fn(a, b, args.repeats)))
         return
 

@@ -160,7 +160,8 @@ def test_bf16_sharded_parents_stay_bf16_and_merge_as_written(bf16_parents, tmp_p
     assert {s.a.dtype for s in merger._slots} == {s.b.dtype for s in merger._slots} == {
         torch.bfloat16}
     mem = merger.memory
-    assert mem["placement"] == "mapped" and mem["work_bytes"] == 2 * CPU_CHUNK * 4
+    assert mem["placement"] == "mapped"
+    assert 0 < mem["work_bytes"] <= torch.get_num_threads() * 2 * CPU_CHUNK * 4
     assert mem["parent_bytes"] == mem["live_bytes"]  # two bf16 parents = one fp32 model
     for lam in (0.35, GROUP_LAM):
         merger.apply(lam)
@@ -175,7 +176,7 @@ def test_bf16_sharded_parents_stay_bf16_and_merge_as_written(bf16_parents, tmp_p
         update={"dtype": "float32"}), out)
     written = load_written(out)
     for k in written:
-        np.testing.assert_array_equal(got[k], written[k], err_msg=k)
+        np.testing.assert_allclose(got[k], written[k], atol=1e-6, rtol=0, err_msg=k)
 
 
 def test_bf16_live_model_is_the_written_bf16_merge(bf16_parents, tmp_path):
@@ -198,8 +199,8 @@ def test_chunked_mix_equals_the_whole_tensor_kernel(live_dtype):
     b = torch.randn(10_007, generator=gen)  # mixed storage dtypes
     want = weighted_sum([a.float(), b], [0.3, -1.7]).to(live_dtype)
     out = torch.empty(10_007, dtype=live_dtype)
-    mix_tensor(out, a, b, 0.3, -1.7, WorkBuffers.allocate(1000, torch.float32, "cpu"), 1000)
-    assert torch.equal(out, want)
+    mix_tensor(out, a, b, 0.3, -1.7, WorkBuffers.allocate(1024, torch.float32, "cpu"), 1024)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
 
 
 def test_placement_keeps_parents_on_the_gpu_only_with_room():
@@ -244,3 +245,19 @@ def test_cuda_placements_match_cpu(bf16_parents, parents):
         cpu_sd, gpu_sd = cpu.model.state_dict(), gpu.model.state_dict()
         for k in cpu.tensor_names:
             torch.testing.assert_close(gpu_sd[k].cpu(), cpu_sd[k], atol=1e-6, rtol=0)
+
+
+def test_conversion_split_into_many_chunks_and_threads(bf16_parents, monkeypatch):
+    """Chunks that cut tensors mid-row, dealt to several threads, still give the formula."""
+    from common.merge import stream
+
+    monkeypatch.setattr(stream, "CPU_CHUNK", 1000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    merger = InPlaceMerger(*bf16_parents, method="slerp")
+    assert len(merger._cpu.plans) == 3
+    assert all(len(p) > 10 for p in merger._cpu.plans)
+    merger.apply(GROUP_LAM)
+    got, want = live(merger), reference(bf16_parents, "slerp", GROUP_LAM)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=0, err_msg=k)
+    merger.close()

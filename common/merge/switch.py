@@ -77,7 +77,7 @@ class InPlaceMerger:
         import torch
 
         from common.merge.checks import check_architectures, check_tensors
-        from common.merge.stream import CPU_CHUNK, WorkBuffers, choose_placement, work_dtype
+        from common.merge.stream import CpuMixer, WorkBuffers, choose_placement, work_dtype
         from common.model_io import Checkpoint
 
         if method not in ("slerp", "linear"):
@@ -126,21 +126,28 @@ class InPlaceMerger:
 
         dtypes = {s.a.dtype for s in self._slots} | {s.b.dtype for s in self._slots}
         self._work_dtype = work_dtype(dtype, *dtypes)
-        self._streamer = None
+        self._streamer = self._work = self._cpu = None
+        self._chunk = 1 << 24
+        direct = [s.a.dtype == s.b.dtype == s.target.dtype == self._work_dtype
+                  for s in self._slots]
         if self.placement == "streamed":
             from common.merge.stream import HostToDevice
 
             self._streamer = HostToDevice(self.device)
-            widest = max(torch.empty(0, dtype=d).element_size() for d in dtypes)
-            self._chunk = self._streamer.slot_bytes // max(
-                widest, torch.empty(0, dtype=self._work_dtype).element_size())
-        else:
-            self._chunk = CPU_CHUNK if self.device.type == "cpu" else 1 << 24
-        # Work buffers only when some tensor needs converting; none on the small fp32 path.
-        needs_work = any(not (s.a.dtype == s.b.dtype == s.target.dtype == self._work_dtype)
-                         for s in self._slots) or self.placement == "streamed"
-        self._work = (WorkBuffers.allocate(self._chunk, self._work_dtype, self.device)
-                      if needs_work else None)
+            widest = max(torch.empty(0, dtype=d).element_size()
+                         for d in (*dtypes, self._work_dtype))
+            self._chunk = self._streamer.slot_bytes // widest
+        elif self.device.type == "cpu":
+            # Parents already in the compute dtype are read straight from the mapped files;
+            # the others convert chunk by chunk on a few threads (`CpuMixer`).
+            converted = [(i, s) for i, s in enumerate(self._slots) if not direct[i]]
+            if converted:
+                self._cpu = CpuMixer([(s.target, s.a, s.b) for _, s in converted],
+                                     torch.get_num_threads(), self._work_dtype)
+                self._cpu_index = [i for i, _ in converted]
+        if self.placement != "mapped" and (self._streamer is not None or not all(direct)):
+            self._work = WorkBuffers.allocate(self._chunk, self._work_dtype, self.device)
+        self._direct = direct
         self._scan()
         self.lam: float | dict[str, float] | None = None
 
@@ -151,6 +158,8 @@ class InPlaceMerger:
         live = sum(s.target.numel() * s.target.element_size() for s in self._slots)
         parents = sum(t.numel() * t.element_size() for s in self._slots for t in (s.a, s.b))
         work = 0 if self._work is None else 2 * self._work.acc.nbytes
+        if self._cpu is not None:
+            work += self._cpu.nbytes
         staging = 0 if self._streamer is None else self._streamer.nbytes
         return {"live_bytes": live, "parent_bytes": parents, "work_bytes": work,
                 "staging_bytes": staging, "placement": self.placement}
@@ -210,19 +219,29 @@ class InPlaceMerger:
         """Write θ(λ) into the live model: λ = 0 is parent A, 1 is parent B."""
         import torch
 
+        from common.merge.methods.linear import weighted_sum
         from common.merge.stream import mix_chunk, mix_tensor
 
-        coeffs = {s.name: c for s, c in zip(self._slots, self.coefficients(lam), strict=True)}
+        coeffs = self.coefficients(lam)
         with torch.no_grad():
-            for s, piece, a, b in self._pairs():
-                alpha, beta = coeffs[s.name]
-                if piece is None:
-                    mix_tensor(s.target, a, b, alpha, beta, self._work, self._chunk)
-                else:
+            if self._streamer is not None:
+                for s, piece, a, b in self._pairs():
+                    alpha, beta = coeffs[piece.slot]
                     mix_chunk(s.target[piece.start:piece.stop], a, b, alpha, beta, self._work)
+            else:
+                for s, direct, (alpha, beta) in zip(self._slots, self._direct, coeffs,
+                                                   strict=True):
+                    if direct:
+                        weighted_sum([s.a, s.b], [alpha, beta], out=s.target)
+                    elif self._cpu is None:
+                        mix_tensor(s.target, s.a, s.b, alpha, beta, self._work, self._chunk)
+                if self._cpu is not None:
+                    self._cpu.run([coeffs[i] for i in self._cpu_index])
         self.lam = lam if isinstance(lam, float | int) else dict(lam)
 
     def close(self) -> None:
+        if self._cpu is not None:
+            self._cpu.close()
         for s in self._slots:
             s.a = s.b = None
         for c in self._ckpts:
