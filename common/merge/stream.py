@@ -25,6 +25,9 @@ from common.merge.methods.linear import weighted_sum
 # slowest thread at every op, 1M-element chunks ran 10x slower (measured). 128 KB of float32
 # also stays in cache between the four ops that touch it, so DRAM sees each byte once.
 CPU_CHUNK = 1 << 15
+# Threads of the CPU path: each op holds the GIL for a few µs of a ~50 µs chunk, so more than
+# about eight threads would queue on the GIL rather than on memory.
+MAX_CPU_WORKERS = 8
 # Bytes per staging slot when streaming to a GPU (4 slots pinned on the host, 4 on the device,
 # plus two float32 work buffers): bounded at a few hundred MB whatever the model size.
 STAGING_BYTES = 32 << 20
@@ -90,23 +93,29 @@ def mix_tensor(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: fl
 
 
 class CpuMixer:
-    """The CPU conversion path: every tensor cut once into `CPU_CHUNK` views, the views dealt
-    to `workers` threads in contiguous runs of about equal size, each thread with its own two
-    work buffers. `run(coeffs)` writes α·a + β·b into every target."""
+    """The CPU conversion path: the tensors' elements dealt to `workers` threads in contiguous
+    runs of about equal size, each thread with its own two work buffers, each run processed
+    `CPU_CHUNK` elements at a time. `run(coeffs)` writes α·a + β·b into every target.
+
+    Runs are (tensor, start, stop) and views are cut as they are used: a view per chunk kept
+    for a 1.1 B model would be ~100k tensor objects, tens of MB."""
 
     def __init__(self, tensors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                  workers: int, dtype: torch.dtype):
-        total = sum(t.numel() for t, _, _ in tensors)
-        workers = max(1, min(workers, -(-total // CPU_CHUNK)))
+        self.tensors = list(tensors)
+        total = sum(t.numel() for t, _, _ in self.tensors)
+        workers = max(1, min(workers, MAX_CPU_WORKERS, -(-total // CPU_CHUNK)))
         share = -(-total // workers)
-        self.plans: list[list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = [
-            [] for _ in range(workers)]
-        done = 0
-        for k, (t, a, b) in enumerate(tensors):
-            for i in range(0, t.numel(), CPU_CHUNK):
-                j = min(t.numel(), i + CPU_CHUNK)
-                self.plans[min(workers - 1, done // share)].append((k, t[i:j], a[i:j], b[i:j]))
+        self.plans: list[list[tuple[int, int, int]]] = [[] for _ in range(workers)]
+        done = 0  # elements dealt so far; worker w takes [w·share, (w+1)·share)
+        for k, (t, _, _) in enumerate(self.tensors):
+            i, n = 0, t.numel()
+            while i < n:
+                w = min(workers - 1, done // share)
+                j = n if w == workers - 1 else min(n, i + (w + 1) * share - done)
+                self.plans[w].append((k, i, j))
                 done += j - i
+                i = j
         self.work = [WorkBuffers.allocate(CPU_CHUNK, dtype, "cpu") for _ in range(workers)]
         self._pool = ThreadPoolExecutor(workers - 1) if workers > 1 else None
 
@@ -115,11 +124,14 @@ class CpuMixer:
         return sum(w.acc.nbytes + w.other.nbytes for w in self.work)
 
     def _run_one(self, w: int, coeffs: Sequence[tuple[float, float]]) -> None:
-        work = self.work[w]
+        work, chunk = self.work[w], CPU_CHUNK
         with torch.no_grad():
-            for k, t, a, b in self.plans[w]:
+            for k, start, stop in self.plans[w]:
+                t, a, b = self.tensors[k]
                 alpha, beta = coeffs[k]
-                mix_chunk(t, a, b, alpha, beta, work)
+                for i in range(start, stop, chunk):
+                    j = min(stop, i + chunk)
+                    mix_chunk(t[i:j], a[i:j], b[i:j], alpha, beta, work)
 
     def run(self, coeffs: Sequence[tuple[float, float]]) -> None:
         futures = [self._pool.submit(self._run_one, w, coeffs)
@@ -131,6 +143,7 @@ class CpuMixer:
                 f.result()
 
     def close(self) -> None:
+        self.tensors, self.plans = [], []  # the views keep the parents' mappings alive
         if self._pool is not None:
             self._pool.shutdown()
 
