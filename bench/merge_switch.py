@@ -16,11 +16,26 @@ one, i.e. 2 × model bytes. `switch_gbps = 3·model_bytes / switch_s`, `copy_gbp
 2·model_bytes / copy_s`, `bandwidth_fraction = switch_gbps / copy_gbps` (GB = 1e9 bytes).
 
 Targets (issue 2): speedup ≥ 20, bandwidth_fraction ≥ 0.5, switch peak RSS ≤ 3 model sizes +
-0.6 GB. The last line printed is one JSON object with the numbers.
+0.6 GB.
 
-    python bench/merge_switch.py            # ~100M parameters
+Large case (issue 15): two random Llama parents of TinyLlama's shape (1.1 B parameters, bf16,
+~1 GB shards; bench/big_parents.py), generated once and cached (`--big-dir`). In its own
+process, `InPlaceMerger` opens them and switches `--big-repeats` times while a thread samples
+/proc/self/status every 5 ms. RSS is counted whole: anonymous memory (live model, buffers,
+Python) plus the parents' mapped file pages the switch touched (page cache, reclaimable but
+resident); `big_rss_gb` is the kernel's peak of that sum (VmHWM) over opening and switching.
+Budget: live model in float32 + both parents' bf16 bytes + 0.6 GB. `big_switch_gbps` counts the
+bytes a switch must move: both parents read once, the live model written once. A third process
+measures `fedmerge merge` of the pair the same way (`big_merge_*`). Target: big_rss_gb ≤
+big_budget_gb. Needs ~10 GB of RAM: run it under `flock /tmp/fedmerge-heavy.lock`.
+The last line printed is one JSON object with the numbers.
+
+    python bench/merge_switch.py            # ~100M parameters, then the 1.1 B pair
     python bench/merge_switch.py --small    # ~25M, when the machine is busy
     python bench/merge_switch.py --threads 1  # when other jobs share the cores
+    python bench/merge_switch.py --skip-small --big-scale 0.1   # develop the large case small
+    python bench/merge_switch.py --skip-small --big-shape 7b --device cuda \
+        --parent-placement host --skip-merge   # a GPU: device peak vs live model + 1 GB
 """
 
 from __future__ import annotations

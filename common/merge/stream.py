@@ -59,8 +59,8 @@ def mix_chunk(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: flo
               work: WorkBuffers | None) -> None:
     """target = α·a + β·b for flat tensors of one length and device, any float dtypes.
 
-    Bit for bit the writer's `weighted_sum` on float32 copies: upcasting copies (exact), one
-    multiply by α, one fused add of β·b, then one cast into the target when it is narrower.
+    The writer's arithmetic (`weighted_sum` on float32 copies): upcasting copies (exact), one
+    multiply by α, one add of β·b, then one cast into the target when it is narrower.
     """
     wd = work.acc.dtype if work is not None else target.dtype
     if a.dtype == b.dtype == target.dtype == wd:
