@@ -10,6 +10,7 @@ that of `fedmerge merge` (upcast to float32, multiply, fused add-scaled, cast to
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -117,7 +118,8 @@ class CpuMixer:
                 done += j - i
                 i = j
         self.work = [WorkBuffers.allocate(CPU_CHUNK, dtype, "cpu") for _ in range(workers)]
-        self._pool = ThreadPoolExecutor(workers - 1) if workers > 1 else None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
 
     @property
     def nbytes(self) -> int:
@@ -133,9 +135,17 @@ class CpuMixer:
                     j = min(stop, i + chunk)
                     mix_chunk(t[i:j], a[i:j], b[i:j], alpha, beta, work)
 
+    def _threads(self) -> ThreadPoolExecutor | None:
+        """The helper threads, started in this process (a forked child has none of them)."""
+        if len(self.plans) > 1 and self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(len(self.plans) - 1, thread_name_prefix="mix")
+            self._pool_pid = os.getpid()
+        return self._pool
+
     def run(self, coeffs: Sequence[tuple[float, float]]) -> None:
-        futures = [self._pool.submit(self._run_one, w, coeffs)
-                   for w in range(1, len(self.plans))] if self._pool else []
+        pool = self._threads()
+        futures = [pool.submit(self._run_one, w, coeffs)
+                   for w in range(1, len(self.plans))] if pool else []
         try:
             self._run_one(0, coeffs)
         finally:
@@ -144,8 +154,9 @@ class CpuMixer:
 
     def close(self) -> None:
         self.tensors, self.plans = [], []  # the views keep the parents' mappings alive
-        if self._pool is not None:
+        if self._pool is not None and self._pool_pid == os.getpid():
             self._pool.shutdown()
+        self._pool = None
 
 
 @dataclass(frozen=True)
