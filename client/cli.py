@@ -39,6 +39,7 @@ def dry_run_cmd(
     table.add_row("parent A", f"{report.parent_a}\nsha256 {report.parent_a_sha256}")
     table.add_row("parent B", f"{report.parent_b}\nsha256 {report.parent_b_sha256}")
     table.add_row("parameters", f"{report.parameters:,}")
+    table.add_row("memory", report.memory)
     table.add_row("SuperLink", report.superlink)
     table.add_row("CA", f"{report.ca_subject} (until {report.ca_not_after})")
     table.add_row("node key", report.node_key_fingerprint)

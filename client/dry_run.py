@@ -36,6 +36,7 @@ class DryRunReport(BaseModel):
     parent_a_sha256: str
     parent_b_sha256: str
     parameters: int
+    memory: str  # where the live model and the parents sit, and why
     superlink: str
     ca_subject: str
     ca_not_after: str
@@ -134,13 +135,18 @@ def dry_run(node_file: str | Path, *, folds: int = 2, fold_seed: int = 0) -> Dry
     fp_b = node_cache.parent_fingerprint(cfg.parent_b)
     live = node_cache.merger(cfg, "linear")  # loads both parents and checks they are mergeable
     parameters = sum(p.numel() for p in live.model.parameters())
+    mem = live.memory
+    dtype = str(live.dtype).removeprefix("torch.")
+    memory = (f"live model {mem['live_bytes'] / 1e9:.2f} GB {dtype} on {live.device}; "
+              f"parents {mem['parent_bytes'] / 1e9:.2f} GB "
+              f"{live.placement} ({live.placement_reason})")
 
     commands = [shell_line(argv) for _, argv in node_commands(conn, values)]
     return DryRunReport(
         node_file=Path(node_file), site=site, data=cfg.data, records=len(records),
         positives=sum(r.label for r in records), folds=per_fold,
         parent_a=cfg.parent_a, parent_b=cfg.parent_b,
-        parent_a_sha256=fp_a, parent_b_sha256=fp_b, parameters=parameters,
+        parent_a_sha256=fp_a, parent_b_sha256=fp_b, parameters=parameters, memory=memory,
         superlink=conn.superlink, ca_subject=ca_subject, ca_not_after=ca_not_after,
         node_key_fingerprint=key_fp, node_config=values, commands=commands, warnings=warnings,
     )

@@ -53,13 +53,18 @@ def merger(cfg: NodeConfig, method: str):
     """The node's InPlaceMerger for its parents and `method`, loaded on first use."""
     from common.merge.switch import InPlaceMerger
 
-    key = (Path(cfg.parent_a).resolve(), Path(cfg.parent_b).resolve(), method, cfg.device)
+    key = (Path(cfg.parent_a).resolve(), Path(cfg.parent_b).resolve(), method, cfg.device,
+           cfg.dtype, cfg.parent_placement)
     with _LOCK:
         if key not in _MERGER:
+            import torch
+
             _MERGER.clear()
             _PREPARED.clear()  # prepared batches belong to the previous tokenizer
+            dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
             _MERGER[key] = InPlaceMerger(
-                cfg.parent_a, cfg.parent_b, method=method, device=cfg.device
+                cfg.parent_a, cfg.parent_b, method=method, device=cfg.device, dtype=dtype,
+                parents=cfg.parent_placement,
             )
         return _MERGER[key]
 

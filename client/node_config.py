@@ -96,6 +96,12 @@ class NodeConfig(BaseModel):
     parent_a: Path
     parent_b: Path
     device: str = "cpu"
+    # The live model's dtype (auto: float32 on CPU, bfloat16 on CUDA). Arithmetic is float32
+    # either way; a bf16 live model halves the device memory the model takes.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # CUDA: where the parents live during the λ search (auto: on the GPU when they fit with a
+    # margin, else streamed from host memory). See docs/operators.md, "Memory".
+    parent_placement: Literal["auto", "device", "host"] = "auto"
     # CPU threads for scoring (None: torch's default, every core). Lower it when the node
     # shares its machine, e.g. several rehearsal nodes on one host.
     threads: int | None = Field(default=None, ge=1)
@@ -117,6 +123,8 @@ NODE_KEYS = {
     "parent-a": "parent_a",
     "parent-b": "parent_b",
     "device": "device",
+    "dtype": "dtype",
+    "parent-placement": "parent_placement",
     "threads": "threads",
     "ledger": "ledger",
     "test-fault": "test_fault",

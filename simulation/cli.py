@@ -83,6 +83,19 @@ def simulate(
         float | None,
         typer.Option("--epsilon", help="ε per run when --privacy is on (default 8)."),
     ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="Every simulated node's device: cpu, cuda, cuda:1.")
+    ] = "cpu",
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help="Live model dtype: auto (float32 on CPU, bfloat16 on "
+                     "CUDA) | float32 | bfloat16 | float16."),
+    ] = "auto",
+    parent_placement: Annotated[
+        str,
+        typer.Option("--parent-placement", help="CUDA: parents on the GPU (device), streamed "
+                     "from host memory (host), or auto (on the GPU when they fit)."),
+    ] = "auto",
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("runs/simulate"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of the site split.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's own log.")] = False,
@@ -184,6 +197,8 @@ def simulate(
             out=out,
             split_seed=seed,
             recipe_fields=fields,
+            node_settings={"device": device, "dtype": dtype,
+                           "parent-placement": parent_placement},
             on_event=on_event,
             verbose=verbose,
         )

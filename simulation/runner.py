@@ -53,6 +53,7 @@ def run_simulation(
     split_seed: int = 0,
     recipe_fields: Mapping[str, object] | None = None,
     node_overrides: Mapping[int, Mapping[str, object]] | None = None,
+    node_settings: Mapping[str, object] | None = None,
     on_event: Callable[..., None] | None = None,
     verbose: bool = False,
 ) -> SimulationResult:
@@ -62,7 +63,7 @@ def run_simulation(
     import flwr.simulation
 
     from client.client_app import make_client_app
-    from client.node_config import simulated_node_config
+    from client.node_config import parse_node_config, simulated_node_config
     from server.recipe import validate_recipe
     from server.server_app import make_server_app
 
@@ -104,7 +105,9 @@ def run_simulation(
     overrides: dict[int, dict[str, object]] = {}
     for i in range(len(names)):
         node = simulated_node_config(i, len(names), run_keys, parents)
+        node.update(node_settings or {})  # device, dtype, parent-placement: every node's
         node.update((node_overrides or {}).get(i, {}))
+        parse_node_config(node, source=f"simulated node {i}")  # a bad setting fails here
         overrides[i] = node
     sink: dict = {}
     server_app = make_server_app(

@@ -126,3 +126,38 @@ _LAYER = re.compile(r"layers\.(\d+)\.")
 def layer_index(name: str) -> int | None:
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
+
+
+def load_np_torch(model_dir: Path) -> dict[str, np.ndarray]:
+    """Like `load_np` for any dtype numpy lacks (bf16): read with safetensors' torch loader."""
+    from safetensors.torch import load_file
+
+    out: dict[str, np.ndarray] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update({k: v.double().numpy() for k, v in load_file(str(f)).items()})
+    return out
+
+
+def write_sharded(src: Path, dst: Path, dtype, shards: int) -> Path:
+    """Copy checkpoint `src` to `dst` with its float tensors cast to `dtype` (a torch dtype),
+    spread over `shards` files with an index, as a released checkpoint is."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = {}
+    for f in sorted(dst.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+        f.unlink()
+    (dst / "model.safetensors.index.json").unlink(missing_ok=True)
+    names = list(tensors)
+    weight_map, total = {}, 0
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n].to(dtype).contiguous() if tensors[n].is_floating_point()
+                else tensors[n] for n in names[i::shards]}
+        save_file(part, str(dst / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return dst

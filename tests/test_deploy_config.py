@@ -67,6 +67,16 @@ def test_node_file_resolves_paths_and_round_trips(node_file, keyed):
     assert values["data"] == f"jsonl:{(keyed / 'site.jsonl').resolve()}"
     cfg = parse_node_config(values)
     assert (cfg.policy.min_cohort, cfg.policy.min_positives, cfg.site) == (5, 1, "hospital-a")
+    assert (cfg.dtype, cfg.parent_placement) == ("auto", "auto")
+    raw = yaml.safe_load(node_file.read_text())
+    raw["node"].update(device="cuda:1", dtype="bfloat16", parent_placement="host")
+    edited = keyed / "node-gpu.yaml"
+    edited.write_text(yaml.safe_dump(raw))
+    values = node_config_values(load_node_file(edited))
+    assert (values["device"], values["dtype"], values["parent-placement"]) == (
+        "cuda:1", "bfloat16", "host")
+    cfg = parse_node_config(values)
+    assert (cfg.device, cfg.dtype, cfg.parent_placement) == ("cuda:1", "bfloat16", "host")
 
 
 @pytest.mark.parametrize(
@@ -77,6 +87,8 @@ def test_node_file_resolves_paths_and_round_trips(node_file, keyed):
         (lambda d: d["node"].pop("parent_a"), "field 'node.parent_a'"),
         (lambda d: d["node"].update(simulated={"sites": 3, "index": 0}), "node.simulated"),
         (lambda d: d["connection"].update(idle_poll_s=0.1), "below active_poll_s"),
+        (lambda d: d["node"].update(dtype="fp8"), "field 'node.dtype'"),
+        (lambda d: d["node"].update(parent_placement="gpu"), "field 'node.parent_placement'"),
     ],
 )
 def test_bad_node_file_is_one_error_naming_file_and_field(node_file, tmp_path, edit, message):
@@ -189,6 +201,8 @@ def test_dry_run_prints_counts_and_fingerprints_offline(node_file, tiny_parents,
     assert report["parent_b_sha256"] == fingerprint(Path(tiny_parents[1]))
     assert report["node_key_fingerprint"].startswith("SHA256:")
     assert report["parameters"] > 0
+    assert report["memory"].startswith("live model ") and "GB float32 on cpu" in report["memory"]
+    assert "mapped" in report["memory"]
 
 
 def test_dry_run_refuses_a_pem_key_flower_cannot_load(node_file, keyed, tmp_path):

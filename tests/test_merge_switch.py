@@ -5,10 +5,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from merge_support import load_np, load_written, ref_linear, ref_slerp
+from merge_support import (
+    load_np,
+    load_np_torch,
+    load_written,
+    ref_linear,
+    ref_slerp,
+    rewrite,
+    write_sharded,
+)
 
 from common.errors import FedmergeError
 from common.merge.config import MergeConfig
+from common.merge.methods.linear import weighted_sum
+from common.merge.stream import (
+    CPU_CHUNK,
+    MIN_DEVICE_MARGIN,
+    WorkBuffers,
+    choose_placement,
+    mix_tensor,
+)
 from common.merge.switch import InPlaceMerger
 from common.merge.writer import write_merge
 
@@ -117,3 +133,134 @@ def test_switch_on_cuda_matches_cpu(tiny_parents, slerp_switch):
     cpu_sd, gpu_sd = slerp_switch.model.state_dict(), gpu.model.state_dict()
     for k in slerp_switch.tensor_names:
         torch.testing.assert_close(gpu_sd[k].cpu(), cpu_sd[k], atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def bf16_parents(tiny_parents, tmp_path_factory):
+    """The tiny pair stored as released LLMs are: bf16, each spread over three shards."""
+    root = tmp_path_factory.mktemp("bf16")
+    return tuple(write_sharded(p, root / p.name, torch.bfloat16, shards=3) for p in tiny_parents)
+
+
+def reference(parents, method, lam) -> dict[str, np.ndarray]:
+    A, B = load_np_torch(parents[0]), load_np_torch(parents[1])
+    out = {}
+    for k in A:
+        t = lam if isinstance(lam, float) else lam[group_of(k)]
+        out[k] = ref_slerp(A[k], B[k], t) if method == "slerp" else ref_linear(
+            [A[k], B[k]], [1 - t, t])
+    return out
+
+
+@pytest.mark.parametrize("method", ["slerp", "linear"])
+def test_bf16_sharded_parents_stay_bf16_and_merge_as_written(bf16_parents, tmp_path, method):
+    assert len(list(bf16_parents[1].glob("*.safetensors"))) == 3
+    merger = InPlaceMerger(*bf16_parents, method=method)
+    # parents are the mapped bf16 files; only two chunk buffers are added
+    assert {s.a.dtype for s in merger._slots} == {s.b.dtype for s in merger._slots} == {
+        torch.bfloat16}
+    mem = merger.memory
+    assert mem["placement"] == "mapped"
+    assert 0 < mem["work_bytes"] <= torch.get_num_threads() * 2 * CPU_CHUNK * 4
+    assert mem["parent_bytes"] == mem["live_bytes"]  # two bf16 parents = one fp32 model
+    for lam in (0.35, GROUP_LAM):
+        merger.apply(lam)
+        got = live(merger)
+        want = reference(bf16_parents, method, lam)
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=0, err_msg=k)
+    # and the float32 merge `fedmerge merge` writes of the same recipe (still GROUP_LAM)
+    out = tmp_path / "out"
+    write_merge(MergeConfig.two_parent(*bf16_parents, method, GROUP_LAM).model_copy(
+        update={"dtype": "float32"}), out)
+    written = load_written(out)
+    for k in written:
+        np.testing.assert_allclose(got[k], written[k], atol=1e-6, rtol=0, err_msg=k)
+
+
+def test_bf16_live_model_is_the_written_bf16_merge(bf16_parents, tmp_path):
+    """A bf16 live model computes in float32 and rounds once, as the writer does."""
+    merger = InPlaceMerger(*bf16_parents, method="slerp", dtype=torch.bfloat16)
+    merger.apply(GROUP_LAM)
+    out = tmp_path / "out"
+    write_merge(MergeConfig.two_parent(*bf16_parents, "slerp", GROUP_LAM), out)
+    written = load_np_torch(out)
+    got = live(merger)
+    assert merger.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    for k in written:
+        np.testing.assert_array_equal(got[k], written[k], err_msg=k)
+
+
+@pytest.mark.parametrize("live_dtype", [torch.float32, torch.bfloat16])
+def test_chunked_mix_equals_the_whole_tensor_kernel(live_dtype):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(10_007, generator=gen).to(torch.bfloat16)
+    b = torch.randn(10_007, generator=gen)  # mixed storage dtypes
+    want = weighted_sum([a.float(), b], [0.3, -1.7]).to(live_dtype)
+    out = torch.empty(10_007, dtype=live_dtype)
+    mix_tensor(out, a, b, 0.3, -1.7, WorkBuffers.allocate(1024, torch.float32, "cpu"), 1024)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
+
+
+def test_placement_keeps_parents_on_the_gpu_only_with_room():
+    gib = 1 << 30
+    assert choose_placement("auto", "cpu", 30 * gib, None, None)[0] == "mapped"
+    assert choose_placement("auto", "cuda", 30 * gib, 40 * gib, 80 * gib)[0] == "device"
+    # margin = max(2 GiB, 10 % of the device): 8 GiB on an 80 GiB device
+    assert choose_placement("auto", "cuda", 30 * gib, 37 * gib, 80 * gib)[0] == "streamed"
+    assert choose_placement("auto", "cuda", 10 * gib, 10 * gib + MIN_DEVICE_MARGIN,
+                            16 * gib)[0] == "device"
+    assert choose_placement("auto", "cuda", 10 * gib, 10 * gib + MIN_DEVICE_MARGIN - 1,
+                            16 * gib)[0] == "streamed"
+    assert choose_placement("host", "cuda", gib, 80 * gib, 80 * gib)[0] == "streamed"
+    assert choose_placement("device", "cuda", 90 * gib, 80 * gib, 80 * gib)[0] == "device"
+    with pytest.raises(FedmergeError, match="auto, device or host, got 'gpu'"):
+        InPlaceMerger("a", "b", parents="gpu")
+
+
+@pytest.mark.parametrize("value,kind", [(float("nan"), "NaN"), (float("inf"), "inf")])
+def test_switch_refuses_non_finite_parent(bf16_parents, tmp_path, value, kind):
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    def poison(ts):
+        ts[name][3, 5] = value
+        return ts
+
+    bad = rewrite(bf16_parents[1], tmp_path / "poisoned", poison)
+    with pytest.raises(FedmergeError, match=f"tensor {name} contains {kind}"):
+        InPlaceMerger(bf16_parents[0], bad, method="linear")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("parents", ["device", "host"])
+def test_cuda_placements_match_cpu(bf16_parents, parents):
+    cpu = InPlaceMerger(*bf16_parents, method="slerp")
+    gpu = InPlaceMerger(*bf16_parents, method="slerp", device="cuda", dtype=torch.float32,
+                        parents=parents)
+    assert gpu.placement == {"device": "device", "host": "streamed"}[parents]
+    for lam in (0.35, GROUP_LAM):
+        cpu.apply(lam)
+        gpu.apply(lam)
+        cpu_sd, gpu_sd = cpu.model.state_dict(), gpu.model.state_dict()
+        for k in cpu.tensor_names:
+            torch.testing.assert_close(gpu_sd[k].cpu(), cpu_sd[k], atol=1e-6, rtol=0)
+
+
+def test_conversion_split_into_many_chunks_and_threads(bf16_parents, monkeypatch):
+    """Chunks that cut tensors mid-row, dealt to several threads, still give the formula."""
+    from common.merge import stream
+
+    monkeypatch.setattr(stream, "CPU_CHUNK", 1000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    merger = InPlaceMerger(*bf16_parents, method="slerp")
+    plans = merger._cpu.plans
+    assert len(plans) == 3
+    shares = [sum(j - i for _, i, j in p) for p in plans]
+    assert sum(shares) == sum(s.target.numel() for s in merger._slots)
+    assert max(shares) - min(shares) <= 2  # the elements, not the tensors, are split evenly
+    merger.apply(GROUP_LAM)
+    got, want = live(merger), reference(bf16_parents, "slerp", GROUP_LAM)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=0, err_msg=k)
+    merger.close()

@@ -21,12 +21,14 @@ NORM_EPS = 1e-8
 _CHUNK = 1 << 20
 
 
-def slerp_dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine of the angle between the flattened tensors (unnormalised if a norm is ≤ 1e-8),
-    clamped to [-1, 1].
+def slerp_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(a·b, a·a, b·b) of the flattened tensors, in float64, over chunks of 1M elements.
 
-    Accumulated in float64 over chunks of 1M elements: float32 dot products drift by ~1e-5 on
-    a few million elements, while whole-tensor float64 copies would be model-sized temporaries.
+    float32 dot products drift by ~1e-5 on a few million elements, while whole-tensor float64
+    copies would be model-sized temporaries. Any dtype and device: a bf16 parent converts
+    chunk by chunk (bf16 → float64 is exact, so the sums equal those of its float32 copy).
+    A non-finite entry makes a·a or b·b non-finite, which is how the switch detects NaN/inf
+    in the same pass.
     """
     dot = sa = sb = 0.0
     with torch.no_grad():
@@ -35,12 +37,23 @@ def slerp_dot(a: torch.Tensor, b: torch.Tensor) -> float:
             dot += float(torch.dot(ca, cb))
             sa += float(torch.dot(ca, ca))
             sb += float(torch.dot(cb, cb))
+    return dot, sa, sb
+
+
+def slerp_cosine(dot: float, sa: float, sb: float) -> float:
+    """Cosine of the angle from `slerp_sums` (unnormalised if a norm is ≤ 1e-8), clamped to
+    [-1, 1]."""
     na, nb = math.sqrt(sa), math.sqrt(sb)
     if na > NORM_EPS:
         dot /= na
     if nb > NORM_EPS:
         dot /= nb
     return min(1.0, max(-1.0, dot))
+
+
+def slerp_dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of the angle between the flattened tensors (see `slerp_sums`)."""
+    return slerp_cosine(*slerp_sums(a, b))
 
 
 def slerp_coefficients(dot: float, t: float) -> tuple[float, float]:
