@@ -38,7 +38,15 @@ Variants (`--variants graph/shamir`):
   what the round cost before fedmerge replaced it. Loopback only (the simulation's sites run in
   Ray actors, where the guard installs production).
 
-Findings (2 shared cores; loopback; production variant full/fast, i.e. fedmerge's Shamir):
+Findings now (2 shared cores, load average ~4 from other work; loopback; full/fast): the search
+sends 11 x 2 x 32 = 704 entries per site (32 reference-placed bins, issue 12) and keys are
+agreed with X25519: 3 / 10 / 25 / 50 sites -> overhead 0.035 / 0.25 / 0.60 / 2.0 s per round,
+par_est 0.02 / 0.16 / 0.16 / 0.41 s. At 50 sites what is left is Shamir shares at the sites
+(~0.5 s), X25519 exchanges (~0.35 s), Fernet (~0.5 s), masks (~0.35 s) and Flower's message
+serialization (~0.5 s), all O(n^2). Against FHAUC (0.68 s for 100 parties): ~3x at half the
+parties serially on one machine, ~0.6x with each site on its own machine.
+
+Findings before (2,048 uniform bins = 45,056 entries, P-384 key agreement):
 3 / 10 / 25 / 50 sites -> overhead 0.09 / 0.32 / 2.2 / 7.8 s per round, coordinator part
 0.03 / 0.04 / 0.12 / 0.35 s, par_est 0.06 / 0.09 / 0.39 / 0.73 s: 3.9x over the 2 s target at
 50 sites in CPU (the two measured 50-site rounds: 9.8 and 6.3 s), within it with every site on

@@ -19,6 +19,7 @@ never collide with keys another protocol derives from the same X25519 pair.
 from __future__ import annotations
 
 import base64
+from functools import lru_cache
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -42,9 +43,17 @@ def public_key_to_bytes(public_key: X25519PublicKey) -> bytes:
 
 
 def bytes_to_private_key(data: bytes) -> X25519PrivateKey:
+    """Flower's client mod re-reads the site's own key for every neighbour (49 times a stage
+    at 50 sites), and parsing was a third of the agreement's cost: the last few keys are kept
+    parsed. They are the keys the node's SecAgg+ state already holds, for at most 4 keys."""
     if len(data) != KEY_BYTES:
         raise ValueError(f"secure keys: private key of {len(data)} bytes, expected {KEY_BYTES}")
-    return X25519PrivateKey.from_private_bytes(bytes(data))
+    return _parsed_private_key(bytes(data))
+
+
+@lru_cache(maxsize=4)
+def _parsed_private_key(data: bytes) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(data)
 
 
 def bytes_to_public_key(data: bytes) -> X25519PublicKey:
