@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 node_app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # locals may hold patient text
     no_args_is_help=True,
     help="Hospital node: check the node file locally, then start the SuperNode.",
 )

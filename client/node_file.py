@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from common.errors import FedmergeError, validation_error
+from common.errors import FedmergeError, validation_error, validation_errors
 from common.flower_runtime import check_host_port, flower_env, flower_exe, format_flower_config
 
 
@@ -75,6 +75,18 @@ class NodeConnection(BaseModel):
         return self
 
 
+class NodeService(BaseModel):
+    """Where a node that runs for months keeps its state: the PID file (`node.pid`), its
+    status (`status.json`) and its logs (`supernode.log`, `worker.log` and the site's own
+    `site.log`), plain text, each rotated at `log_max_mb` with `log_backups` old files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: Path = Path("node-state")  # relative to the node file's folder
+    log_max_mb: float = Field(10.0, gt=0, le=10_000)
+    log_backups: int = Field(5, ge=0, le=1000)
+
+
 class NodeFile(BaseModel):
     """The whole node file: the connection plus the node's NodeConfig fields (raw here)."""
 
@@ -82,6 +94,7 @@ class NodeFile(BaseModel):
 
     connection: NodeConnection
     node: dict[str, Any]
+    service: NodeService = NodeService()
     path: Path | None = None
 
 
@@ -94,14 +107,24 @@ def _resolve(base: Path, p: Path | None) -> Path | None:
 
 def load_node_file(path: str | Path) -> NodeFile:
     """Parse and validate the node file; one error naming the file and field if it is bad."""
+    from client.node_config import NodeConfig
     from common.config_io import read_yaml_mapping
 
     path = Path(path)
     raw = read_yaml_mapping(path, "node file")
+    failures: list[tuple[ValidationError, str]] = []
+    nf = None
     try:
         nf = NodeFile.model_validate({**raw, "path": path})
     except ValidationError as exc:
-        raise validation_error(str(path), exc) from None
+        failures.append((exc, ""))
+    if isinstance(raw.get("node"), dict):  # every error of both sections at once
+        try:
+            NodeConfig.model_validate(raw["node"])
+        except ValidationError as exc:
+            failures.append((exc, "node."))
+    if failures or nf is None:
+        raise validation_errors(str(path), failures) from None
     base = path.resolve().parent
     conn = nf.connection.model_copy(
         update={
@@ -110,7 +133,8 @@ def load_node_file(path: str | Path) -> NodeFile:
             "flwr_home": _resolve(base, nf.connection.flwr_home),
         }
     )
-    return nf.model_copy(update={"connection": conn})
+    service = nf.service.model_copy(update={"dir": _resolve(base, nf.service.dir)})
+    return nf.model_copy(update={"connection": conn, "service": service})
 
 
 def node_config_values(nf: NodeFile) -> dict[str, Any]:

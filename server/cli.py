@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 coord_app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # locals may hold patient text
     no_args_is_help=True,
     help="Coordinator: run the SuperLink, register hospital keys, submit tuning runs.",
 )

@@ -413,4 +413,4 @@ def test_a_policy_typo_is_an_error_not_a_default(node_file):
     node_file.write_text(yaml.safe_dump(raw))
     res = runner.invoke(app, ["node", "dry-run", str(node_file)])
     assert isinstance(res.exception, FedmergeError)
-    assert "field 'node.policy.min_site': Extra inputs are not permitted" in str(res.exception)
+    assert "field 'node.policy.min_site': unknown key" in str(res.exception)
