@@ -135,7 +135,7 @@ def dry_run(node_file: str | Path, *, folds: int = 2, fold_seed: int = 0) -> Dry
     live = node_cache.merger(cfg, "linear")  # loads both parents and checks they are mergeable
     parameters = sum(p.numel() for p in live.model.parameters())
 
-    commands = [shell_line(argv) for _, argv in node_commands(conn, values)]
+    commands = [shell_line(argv) for _, argv in node_commands(conn, values, nf.service)]
     return DryRunReport(
         node_file=Path(node_file), site=site, data=cfg.data, records=len(records),
         positives=sum(r.label for r in records), folds=per_fold,

@@ -86,6 +86,10 @@ class NodeService(BaseModel):
     log_max_mb: float = Field(10.0, gt=0, le=10_000)
     log_backups: int = Field(5, ge=0, le=1000)
 
+    @property
+    def max_bytes(self) -> int:
+        return int(self.log_max_mb * 1_000_000)
+
 
 class NodeFile(BaseModel):
     """The whole node file: the connection plus the node's NodeConfig fields (raw here)."""
@@ -227,21 +231,31 @@ def supernode_argv(conn: NodeConnection, node_config: dict[str, Any]) -> list[st
     return argv
 
 
-def worker_argv(conn: NodeConnection) -> list[str] | None:
-    """The persistent ClientApp worker, needed only with `--isolation process`."""
+def worker_argv(conn: NodeConnection, service: NodeService | None = None) -> list[str] | None:
+    """The persistent ClientApp worker, needed only with `--isolation process`; with
+    `service`, it writes the site's structured log there (`site.log`, rotated)."""
     if conn.isolation != "process":
         return None
-    return [
+    argv = [
         sys.executable, "-m", "client.clientapp_worker",
         "--runtime-api-address", f"127.0.0.1:{conn.runtime_port}",
         "--app-source", conn.app_source,
     ]
+    if service is not None:
+        argv += [
+            "--site-log", str(service.dir / "site.log"),
+            "--log-max-bytes", str(service.max_bytes),
+            "--log-backups", str(service.log_backups),
+        ]
+    return argv
 
 
-def node_commands(conn: NodeConnection, node_config: dict[str, Any]) -> list[tuple[str, list[str]]]:
+def node_commands(
+    conn: NodeConnection, node_config: dict[str, Any], service: NodeService | None = None
+) -> list[tuple[str, list[str]]]:
     """What `fedmerge node start` runs, in order; the dry run prints the same list."""
     commands = [("supernode", supernode_argv(conn, node_config))]
-    worker = worker_argv(conn)
+    worker = worker_argv(conn, service)
     if worker:
         commands.append(("worker", worker))
     return commands
