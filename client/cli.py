@@ -37,13 +37,17 @@ def dry_run_cmd(
     table.add_row("records", f"{report.records} ({report.positives} positive)")
     for f in report.folds:
         table.add_row(f"fold {f.fold}", f"{f.records} ({f.positives} positive)")
-    table.add_row("parent A", f"{report.parent_a}\nsha256 {report.parent_a_sha256}")
-    table.add_row("parent B", f"{report.parent_b}\nsha256 {report.parent_b_sha256}")
+    table.add_row("parent A", str(report.parent_a))
+    table.add_row("parent B", str(report.parent_b))
     table.add_row("parameters", f"{report.parameters:,}")
     table.add_row("SuperLink", report.superlink)
     table.add_row("CA", f"{report.ca_subject} (until {report.ca_not_after})")
     table.add_row("node key", report.node_key_fingerprint)
     Console().print(table)
+    # Whole, outside the table (which would cut them to the terminal's width with "…"):
+    # operators compare them character by character with the coordinator's.
+    typer.echo(f"parent A sha256 {report.parent_a_sha256}")
+    typer.echo(f"parent B sha256 {report.parent_b_sha256}")
     typer.echo("`fedmerge node start` would run:")
     for cmd in report.commands:
         typer.echo(f"$ {cmd}")

@@ -137,7 +137,7 @@ def run_tuning(
     node_ids = wait_for_nodes(grid, expected_sites or recipe.min_sites, wait_s)
     emit("nodes", count=len(node_ids))
     accepted, refusals = announce(grid, recipe, node_ids)
-    emit("announced", accepted=sorted(accepted.values()), refusals=refusals)
+    emit("announced", accepted=sorted(accepted.values()), refusals=refusals, nodes=accepted)
     if len(accepted) < recipe.min_sites:
         why = "; ".join(f"{r['site']}: {r['reason']}" for r in refusals) or "no refusals"
         raise FedmergeError(
@@ -167,6 +167,7 @@ def run_tuning(
         else:
             why = reason if reason is not None else describe_error(raw)
             dropouts.append({"site": site_of(nid), "round": rnd, "reason": why})
+        emit("site_lost", round=rnd, site=site_of(nid), refusals=refusals, dropouts=dropouts)
         if nid in live:
             live.remove(nid)
 

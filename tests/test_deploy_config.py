@@ -414,3 +414,12 @@ def test_a_policy_typo_is_an_error_not_a_default(node_file):
     res = runner.invoke(app, ["node", "dry-run", str(node_file)])
     assert isinstance(res.exception, FedmergeError)
     assert "field 'node.policy.min_site': unknown key" in str(res.exception)
+
+
+def test_dry_run_prints_the_whole_sha256_on_a_narrow_terminal(node_file, tiny_parents):
+    from common.model_io import fingerprint
+
+    res = runner.invoke(app, ["node", "dry-run", str(node_file)], env={"COLUMNS": "40"})
+    assert res.exit_code == 0, res.output
+    assert f"parent A sha256 {fingerprint(Path(tiny_parents[0]))}" in res.output
+    assert f"parent B sha256 {fingerprint(Path(tiny_parents[1]))}" in res.output

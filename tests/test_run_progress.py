@@ -1,0 +1,51 @@
+"""The coordinator's view of a deployed run: progress.json while it runs, a report.json that
+names the stage, the cause, the rules and the sites when it fails (no Flower needed here;
+tests/test_deploy_faults.py checks the same on real processes)."""
+
+from __future__ import annotations
+
+import json
+
+from server.run_follow import outcome_lines, progress_line
+from server.run_progress import RunTracker
+
+
+def test_failed_announcement_names_stage_rule_and_sites(tmp_path):
+    tracker = RunTracker(tmp_path, run_id=7, expected_sites=3)
+    tracker("nodes", count=3)
+    refusal = {"site": "hospital-c", "stage": "announcement", "reason": "policy:min-cohort"}
+    tracker("announced", accepted=["hospital-a", "hospital-b"], refusals=[refusal],
+            nodes={1: "hospital-a", 2: "hospital-b"})
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["stage"] == "announcement" and progress["accepted"] == [
+        "hospital-a", "hospital-b"]
+    assert progress_line(progress).endswith(
+        "announcement; 2 sites accepted, 1 refused or dropped; 0 round(s) done")
+    report = tracker.failure("announcement: 2 of 3 sites accepted, the recipe needs min_sites=3"
+                             " (hospital-c: policy:min-cohort)")
+    assert report["stage"] == "announcement" and report["cause"] == "too-few-sites"
+    assert report["rules"] == {"hospital-c": "policy:min-cohort"}
+    assert report["sites_answered"] == ["hospital-a", "hospital-b"]
+    assert report["sites_missing"] == ["hospital-c"]
+    assert json.loads((tmp_path / "progress.json").read_text())["status"] == "failed"
+    code, lines = outcome_lines(report)
+    assert code == 1
+    assert lines[0].startswith("failed at announcement: too-few-sites — announcement: 2 of 3")
+    assert "  refused by hospital-c: policy:min-cohort" in lines
+    assert "  sites missing: hospital-c" in lines
+
+
+def test_a_site_lost_in_a_round_is_named_missing(tmp_path):
+    tracker = RunTracker(tmp_path, run_id=8, expected_sites=3)
+    tracker("nodes", count=3)
+    tracker("announced", accepted=["a", "b", "c"], refusals=[], nodes={1: "a", 2: "b", 3: "c"})
+    tracker("round_start", round=1, stage="tune", candidates=[0.0, 0.5, 1.0])
+    tracker("score_progress", round=1, stage="tune", site="a", done=2, total=3)
+    assert "scored: a 2/3" in progress_line(json.loads((tmp_path / "progress.json").read_text()))
+    dropout = {"site": "c", "round": 1, "reason": "still scoring after 8 s per candidate"}
+    tracker("site_lost", round=1, site="c", refusals=[], dropouts=[dropout])
+    report = tracker.failure("round 1 (tune): 2 of 3 sites finished scoring, the recipe needs "
+                             "min_sites=3 (still scoring: c (0/3))")
+    assert report["stage"] == "round 1 (tune): scoring"
+    assert report["sites_missing"] == ["c"] and report["sites_answered"] == ["a", "b"]
+    assert report["dropouts"] == [dropout] and report["cause"] == "too-few-sites"
