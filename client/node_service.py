@@ -203,9 +203,18 @@ def run_node(node_file: Path, echo: Callable[[str], None], *, print_only: bool =
         return 0
     state_dir = nf.service.dir
     pid_file = PidFile(state_dir / PID_NAME)
-    pid_file.claim("a fedmerge node", f"fedmerge node stop {node_file}")
+    running = pid_file.pid()
     try:
         check_runtime_port(nf.connection.runtime_port)
+    except FedmergeError as exc:
+        if running is None:
+            raise
+        raise FedmergeError(
+            f"{exc}; a node already runs from {state_dir} (pid {running}): see "
+            f"`fedmerge node status {node_file}`"
+        ) from None
+    pid_file.claim("a fedmerge node", f"fedmerge node stop {node_file}")
+    try:
         return _supervise(nf, node_file, site, commands, child_env(nf.connection), echo)
     finally:
         pid_file.release()

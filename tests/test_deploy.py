@@ -87,6 +87,8 @@ def deployed(tmp_path_factory, tiny_parents):
             services[name] = NodeService(nf)
         run_config = run_config_for(recipe, out, sites=3)
         staged = stage_app(dep.app_dir, root / "staged-app", run_config)
+        run_id = dep.submit(run_config, app_dir=staged)
+        mark("submitted")
         node = services[SERVICE]
         result["running_line"] = next(
             line for line in node.wait_for("running: ", 90).splitlines()
@@ -96,8 +98,6 @@ def deployed(tmp_path_factory, tiny_parents):
         listed = dep.flwr([flower_exe("flwr"), "supernode", "list", CONNECTION, "--format",
                            "json"])
         result["supernode_list"] = listed.stdout
-        run_id = dep.submit(run_config, app_dir=staged)
-        mark("submitted")
         dep.wait_for_file(out / "report.json", int(run_id), timeout=170)
         mark("deployed")
         result["report"] = json.loads((out / "report.json").read_text())

@@ -137,12 +137,12 @@ def faults(tmp_path_factory, tiny_parents):
                 service = NodeService(nf)
             else:
                 dep.start_node(name, node_config_values(load_node_file(nf)))
-        service.wait_for("running: connected", 90)
-        result["status_e_connected"] = service.status()
         mark("nodes started")
 
         # -- A: hospital-e dies while it scores candidate 0 of round 1 ------------------
         run_a, out_a = submit("a", sites=len(SITES))
+        service.wait_for("running: connected", 90)
+        result["status_e_connected"] = service.status()
         _wait_until(
             f"{KILLED} receives its first query.score",
             lambda: _received(log(KILLED), run_a, "query.score") >= 1, timeout=120,
@@ -232,8 +232,12 @@ def test_killed_site_is_a_dropout_and_the_run_completes(faults):
     assert [d["site"] for d in report["dropouts"]] == [site_of[KILLED]]
     dropout = report["dropouts"][0]
     assert dropout["round"] == 1
-    assert dropout["reason"].startswith(f"still scoring after {SCORE_TIMEOUT:g} s"), dropout
-    assert "(0 of 3 done)" in dropout["reason"]
+    # Stopped, its node stops heartbeating: the SuperLink answers for it ("Node
+    # Unavailable"), unless the scoring timeout runs out first.
+    stalled = dropout["reason"].startswith(f"still scoring after {SCORE_TIMEOUT:g} s")
+    assert stalled or dropout["reason"].startswith("Error: Node Unavailable"), dropout
+    if stalled:
+        assert "(0 of 3 done)" in dropout["reason"]
     assert report["refusals"] == []
     assert len(report["tune"]) == 3
     for fig in report["tune"]:
@@ -241,8 +245,8 @@ def test_killed_site_is_a_dropout_and_the_run_completes(faults):
         assert fig["sites"] == live
     first = report["rounds"][0]
     assert first["failed"] == [site_of[KILLED]] and first["sites"] == live
-    # The round waited for hospital-e's first candidate (twice the per-candidate timeout).
-    assert first["scoring_seconds"] >= 2 * SCORE_TIMEOUT - 1
+    if stalled:  # the round waited for its first candidate (twice the per-candidate timeout)
+        assert first["scoring_seconds"] >= 2 * SCORE_TIMEOUT - 1
 
 
 def test_sigterm_stops_the_whole_node_and_status_says_so(faults):

@@ -164,7 +164,9 @@ def test_node_start_without_superlink_then_sighup_stops_everything(keys, tiny_pa
         assert status.exit_code == 3 and report["running"] and report["pid"] == wrapper.pid
         assert report["status"]["state"] == "retrying"
         second = runner.invoke(app, ["node", "start", str(path)])
-        assert f"already runs from this folder (pid {wrapper.pid})" in str(second.exception)
+        # Its runtime port is taken by the first, and the first is named (PID file).
+        refused = str(second.exception)
+        assert "already runs from" in refused and f"(pid {wrapper.pid})" in refused, refused
         tree = descendants([wrapper.pid])
         assert len(tree) >= 3, tree  # wrapper, SuperNode, worker
         os.kill(wrapper.pid, signal.SIGHUP)
@@ -181,3 +183,39 @@ def test_node_start_without_superlink_then_sighup_stops_everything(keys, tiny_pa
     assert status.exit_code == 3
     assert status.output.startswith("node hospital-a: stopped (stopped by SIGHUP;")
     assert "\x1b[" not in (tmp_path / "node-state/supernode.log").read_text()
+
+
+def test_superlink_wrapper_stops_flower_superlink_and_superexec(tmp_path):
+    """`coordinator start-superlink` under `coordinator stop-superlink`: flower-superlink
+    and the flower-superexec it starts in a session of its own are both gone."""
+    from common.certs import create_ca, create_server_cert
+    from common.processes import free_port
+
+    create_ca(tmp_path / "certs")
+    create_server_cert(tmp_path / "certs", tmp_path / "certs", sans=["IP:127.0.0.1"])
+    out = tmp_path / "superlink.out"
+    state = tmp_path / "state"
+    cli = [sys.executable, "-m", "common.cli", "coordinator"]
+    with open(out, "wb") as fh:
+        wrapper = subprocess.Popen(
+            [*cli, "start-superlink", "--certs", str(tmp_path / "certs"), "--port",
+             str(free_port()), "--flwr-home", str(tmp_path / "home"), "--state-dir", str(state)],
+            stdout=fh, stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for("running line", lambda: "running: SuperLink listening" in out.read_text(), 60)
+        _wait_for("superexec", lambda: len(descendants([wrapper.pid])) >= 3, 30)
+        tree = descendants([wrapper.pid])
+        stop = subprocess.run([*cli, "stop-superlink", "--state-dir", str(state)],
+                              capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0 and f"stopped the SuperLink (pid {wrapper.pid})" in \
+            stop.stdout, stop.stdout + stop.stderr
+        assert wrapper.wait(10) == 0
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+    assert any("superexe" in name for name in tree.values()), tree  # 15-char names
+    assert [p for p in tree if alive(p)] == []
+    assert not (state / "superlink.pid").exists()
+    assert "stopped (SIGTERM): the SuperLink and every process it started are gone" in \
+        out.read_text()
