@@ -50,8 +50,8 @@ class NodeConnection(BaseModel):
     runtime_port: int = Field(9094, ge=1024, le=65535)
     isolation: Literal["process", "subprocess"] = "process"
     app_source: Literal["installed", "fab"] = "installed"
-    max_retries: int | None = Field(None, ge=0)
-    max_wait_time: float | None = Field(None, gt=0)
+    max_retries: int | None = Field(None, ge=0, le=1_000_000)
+    max_wait_time: float | None = Field(None, gt=0, le=365 * 86_400)
     flwr_home: Path | None = None
     # The SuperNode's pull interval (client/supernode_poll.py): `active_poll_s` for
     # `active_window_s` seconds after the last message or reply, then growing to
@@ -59,7 +59,7 @@ class NodeConnection(BaseModel):
     # waits. `idle_poll_s: null` runs plain `flower-supernode` (always 3 s).
     active_poll_s: float = Field(0.25, gt=0, le=3)
     idle_poll_s: float | None = Field(3.0, gt=0, le=30)
-    active_window_s: float = Field(60.0, ge=0)
+    active_window_s: float = Field(60.0, ge=0, le=86_400)
 
     @field_validator("superlink")
     @classmethod

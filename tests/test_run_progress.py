@@ -49,3 +49,39 @@ def test_a_site_lost_in_a_round_is_named_missing(tmp_path):
     assert report["stage"] == "round 1 (tune): scoring"
     assert report["sites_missing"] == ["c"] and report["sites_answered"] == ["a", "b"]
     assert report["dropouts"] == [dropout] and report["cause"] == "too-few-sites"
+
+
+def test_submit_says_how_to_follow_stop_and_that_an_interrupted_wait_leaves_the_run(
+        tmp_path, tiny_parents, monkeypatch):
+    """The lines around the upload (the upload and the wait themselves run for real in
+    tests/test_deploy_faults.py, run D)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    import server.run_follow as follow
+    from common.cli import app
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"parent_a": str(tiny_parents[0]),
+                                      "parent_b": str(tiny_parents[1])}))
+    args = ["coordinator", "submit", str(recipe), "--out", str(tmp_path / "out"),
+            "--stage-dir", str(tmp_path / "staged"), "--flwr-home", str(tmp_path / "home")]
+    monkeypatch.setattr(follow, "upload", lambda argv, env: 42)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(follow, "wait_for_report", interrupted)
+    detached = CliRunner().invoke(app, [*args, "--detach"])
+    assert detached.exit_code == 0, detached.output
+    assert "submitted run 42\nfollow it:  flwr log 42 fedmerge" in detached.output
+    assert "stop it:    flwr stop 42 fedmerge" in detached.output
+    waited = CliRunner().invoke(app, args)
+    assert waited.exit_code == 130
+    assert waited.output.splitlines()[-1] == (
+        "stopped waiting; run 42 continues on the SuperLink. Follow it with `flwr log 42 "
+        "fedmerge`, stop it with `flwr stop 42 fedmerge`")
+    monkeypatch.setattr(follow, "upload", interrupted)
+    before = CliRunner().invoke(app, args)
+    assert before.exit_code == 130
+    assert "interrupted before the upload finished: no run was submitted" in before.output
