@@ -147,5 +147,7 @@ def test_eicu_select_keeps_one_site(eicu_demo_dir):
     region = sorted({r.site_id for r in every})[0]
     one = load_records(f"eicu:{eicu_demo_dir}?site=region&select={region}")
     assert len(one) == sum(r.site_id == region for r in every) and len(one) < len(every)
+    from common.data.select import select_site
+
     with pytest.raises(FedmergeError, match="select=Atlantis selects no stays"):
-        load_records(f"eicu:{eicu_demo_dir}?site=region&select=Atlantis")
+        select_site(every, "Atlantis", "eicu:demo", "select")
