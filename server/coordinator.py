@@ -72,6 +72,19 @@ def _reason_of(raw: str | None) -> str:
     return refusal.reason if refusal is not None else describe_error(raw)
 
 
+def nodes_named_in(message: str, node_ids) -> list[int]:
+    """The node ids of `node_ids` that a message mentions (Flower's ids are long integers)."""
+    import re
+
+    mentioned = {int(x) for x in re.findall(r"\d+", message)}
+    return [n for n in node_ids if n in mentioned]
+
+
+def with_site_names(message: str, missing: list[int], site_of: Callable[[int], str]) -> str:
+    names = ", ".join(sorted(site_of(n) for n in missing))
+    return f"{message}; sites missing: {names or 'none named'}"
+
+
 def wait_for_nodes(grid, expected: int, wait_s: float) -> list[int]:
     """Node ids once `expected` nodes are connected, or whatever is there after `wait_s`."""
     deadline = time.monotonic() + wait_s
@@ -214,10 +227,15 @@ def run_tuning(
             )
         emit("secagg_start", round=rnd, stage=stage, sites=len(scored.ready))
         secagg_started = time.perf_counter()
-        outcome = secure_round(
-            grid, context, node_ids=scored.ready, instructions=instr,
-            settings=recipe.secagg, min_sites=recipe.min_sites,
-        )
+        try:
+            outcome = secure_round(
+                grid, context, node_ids=scored.ready, instructions=instr,
+                settings=recipe.secagg, min_sites=recipe.min_sites,
+            )
+        except FedmergeError as exc:  # it names nodes by id: name the sites too
+            missing = nodes_named_in(str(exc), scored.ready)
+            emit("secagg_failed", round=rnd, missing=sorted(site_of(n) for n in missing))
+            raise FedmergeError(with_site_names(str(exc), missing, site_of)) from None
         for nid, raw in outcome.failures.items():
             lose(nid, rnd, raw)
         sites = sorted(site_of(n) for n in outcome.contributors)

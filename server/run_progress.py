@@ -88,6 +88,8 @@ class RunTracker:
             self._mark_stage(f"round {info['round']} ({info['stage']}): secure aggregation")
         elif kind == "round_end":
             st["rounds_done"] += 1
+        elif kind == "secagg_failed":
+            st["missing_now"] = list(info["missing"])
         elif kind == "site_lost":
             st["refusals"] = list(info["refusals"])
             st["dropouts"] = list(info["dropouts"])
@@ -112,7 +114,8 @@ class RunTracker:
             answered = set(st["accepted"])
         else:
             answered = self._answered_in_stage() or (set(st["accepted"]) - lost)
-        missing = (set(st["accepted"]) - answered) | lost
+        missing = (set(st["accepted"]) - answered) | lost | set(st.get("missing_now", []))
+        answered -= missing
         st["status"] = "failed"
         self._write()
         return {

@@ -85,3 +85,27 @@ def test_submit_says_how_to_follow_stop_and_that_an_interrupted_wait_leaves_the_
     before = CliRunner().invoke(app, args)
     assert before.exit_code == 130
     assert "interrupted before the upload finished: no run was submitted" in before.output
+
+
+def test_a_halted_secure_round_names_the_missing_sites(tmp_path):
+    from server.coordinator import nodes_named_in, with_site_names
+
+    names = {4611686018427387904: "hospital-a", 123456789012345: "hospital-b", 7: "hospital-c"}
+    message = ("round 2 (tune): secure aggregation halted, too few of the 3 sites completed it "
+               "(reconstruction threshold 3); node 123456789012345: site:failed; no answer "
+               "within 20 s from nodes [4611686018427387904]")
+    missing = nodes_named_in(message, list(names))
+    assert missing == [4611686018427387904, 123456789012345]  # not 7, nor the 2, 3 or 20
+    assert with_site_names(message, missing, names.get).endswith(
+        "; sites missing: hospital-a, hospital-b")
+    tracker = RunTracker(tmp_path, run_id=9, expected_sites=3)
+    tracker("nodes", count=3)
+    tracker("announced", accepted=sorted(names.values()), refusals=[],
+            nodes={})
+    tracker("round_start", round=2, stage="tune", candidates=[0.5])
+    tracker("secagg_start", round=2, stage="tune", sites=3)
+    tracker("secagg_failed", round=2, missing=["hospital-a", "hospital-b"])
+    report = tracker.failure(with_site_names(message, missing, names.get))
+    assert report["stage"] == "round 2 (tune): secure aggregation"
+    assert report["sites_missing"] == ["hospital-a", "hospital-b"]
+    assert report["sites_answered"] == ["hospital-c"] and report["cause"] == "too-few-sites"
