@@ -212,6 +212,7 @@ def faults(tmp_path_factory, tiny_parents):
         raise
     finally:
         worker_logs = {n: dep.nodes[n].worker.log_text() for n in dep.nodes}
+        result["tails"] = dep.tails(30)  # for the assertion messages below
         if service is not None:
             service.kill()
         dep.close()
@@ -288,7 +289,7 @@ def test_stopped_run_ends_stopped_without_a_report(faults):
 def test_run_after_a_stop_completes_with_the_same_nodes(faults):
     report, site_of = faults["report_c"], faults["site_of"]
     live = sorted(site_of[n] for n in LIVE)
-    assert report["contributing_sites"] == live
+    assert report["contributing_sites"] == live, faults["tails"]
     assert report["dropouts"] == []
     # hospital-e's node id may still be listed online when C starts; nothing else refuses.
     assert all(r["site"].startswith("node-") for r in report["refusals"]), report["refusals"]
