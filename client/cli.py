@@ -10,8 +10,9 @@ from pathlib import Path
 import typer
 
 node_app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # locals may hold patient text
     no_args_is_help=True,
-    help="Hospital node: check the node file locally, then start the SuperNode.",
+    help="Hospital node: check the node file locally, start, stop and watch the SuperNode.",
 )
 
 
@@ -36,14 +37,18 @@ def dry_run_cmd(
     table.add_row("records", f"{report.records} ({report.positives} positive)")
     for f in report.folds:
         table.add_row(f"fold {f.fold}", f"{f.records} ({f.positives} positive)")
-    table.add_row("parent A", f"{report.parent_a}\nsha256 {report.parent_a_sha256}")
-    table.add_row("parent B", f"{report.parent_b}\nsha256 {report.parent_b_sha256}")
+    table.add_row("parent A", str(report.parent_a))
+    table.add_row("parent B", str(report.parent_b))
     table.add_row("parameters", f"{report.parameters:,}")
     table.add_row("memory", report.memory)
     table.add_row("SuperLink", report.superlink)
     table.add_row("CA", f"{report.ca_subject} (until {report.ca_not_after})")
     table.add_row("node key", report.node_key_fingerprint)
     Console().print(table)
+    # Whole, outside the table (which would cut them to the terminal's width with "…"):
+    # operators compare them character by character with the coordinator's.
+    typer.echo(f"parent A sha256 {report.parent_a_sha256}")
+    typer.echo(f"parent B sha256 {report.parent_b_sha256}")
     typer.echo("`fedmerge node start` would run:")
     for cmd in report.commands:
         typer.echo(f"$ {cmd}")
@@ -100,41 +105,45 @@ def ledger_cmd(
 def start_cmd(
     node_file: Path = typer.Argument(..., help="The node file (YAML: connection + node)."),
     print_only: bool = typer.Option(False, "--print-only", help="Print, do not run."),
-    log_dir: Path = typer.Option(Path("node-logs"), "--log-dir"),
 ) -> None:
-    """Start this hospital's SuperNode (and its persistent ClientApp worker); Ctrl-C stops."""
-    import time
+    """Start this hospital's SuperNode and worker; SIGTERM, SIGINT (Ctrl-C) or SIGHUP stop
+    both. PID file, status and logs: the node file's `service.dir` (default node-state/)."""
+    from client.node_service import run_node
 
-    from client.node_file import child_env, load_node_file, node_commands, node_config_values
-    from common.flower_runtime import shell_line
-    from common.processes import proc_set
+    code = run_node(node_file, typer.echo, print_only=print_only)
+    if code:
+        raise typer.Exit(code)
 
-    nf = load_node_file(node_file)
-    commands = node_commands(nf.connection, node_config_values(nf))
-    for _, argv in commands:
-        typer.echo(f"$ {shell_line(argv)}")
-    if print_only:
-        return
-    env = child_env(nf.connection)
-    with proc_set() as procs:
-        started = [
-            procs.start(name, argv, env=env, log_path=log_dir / f"{name}.log")
-            for name, argv in commands
-        ]
-        typer.echo(f"running; logs in {log_dir}/ (Ctrl-C to stop)")
-        try:
-            while all(p.poll() is None for p in started):
-                time.sleep(1.0)
-        except KeyboardInterrupt:
-            typer.echo("stopping")
-            return
-        dead = next(p for p in started if p.poll() is not None)
-        typer.secho(
-            f"{dead.name} exited with {dead.poll()}; last log lines:\n"
-            + "\n".join(dead.log_text().splitlines()[-15:]),
-            fg=typer.colors.RED, err=True,
-        )
-        raise typer.Exit(1)
+
+@node_app.command("stop")
+def stop_cmd(
+    node_file: Path = typer.Argument(..., help="The node file the node was started with."),
+) -> None:
+    """Stop the node started from NODE_FILE (its SuperNode and worker) and wait for it."""
+    from client.node_service import stop_node
+
+    pid = stop_node(node_file)
+    typer.echo("no node was running from this node file" if pid is None
+               else f"stopped the node (pid {pid}) and its SuperNode and worker")
+
+
+@node_app.command("status")
+def status_cmd(
+    node_file: Path = typer.Argument(..., help="The node file the node was started with."),
+    runs: int = typer.Option(5, "--runs", min=1, max=1000, help="How many recent runs."),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+) -> None:
+    """Connected or not (and why), the last runs (accepted, refused and by which rule,
+    finished) and the release ledger's summary; exit code 0 when connected, 3 when not."""
+    from client.node_service import dump, node_report, report_lines
+
+    report = node_report(node_file, runs)
+    typer.echo(dump(report) if as_json else "\n".join(report_lines(report)))
+    connected = report.running and report.status is not None and (
+        report.status.state == "connected"
+    )
+    if not connected:
+        raise typer.Exit(3)
 
 
 def certs_node(

@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 from client.node_config import NodeConfig, parse_node_config, simulated_node_config
 from client.policy import RULES
 from client.secagg_guard import GuardPolicy, checked_secaggplus_mod
+from client.site_log import fingerprints, site_event
 from common.errors import FedmergeError
 from common.protocol import (
     INSTRUCTIONS_KEY,
@@ -148,10 +149,16 @@ def handle_announcement(msg: Message, context: Context, cfg: NodeConfig) -> Mess
     except (FedmergeError, OSError, ValueError):
         # The details (paths, ids in a data error) stay in the node's log: only a code leaves.
         log.exception("announcement: this node cannot load its data or parents")
+        site_event("failed", run=context.run_id, stage="announcement",
+                   rule="site:data-unavailable")
         return _refuse(msg, site, "site:data-unavailable")
     if reason:
         log.info("announcement refused: %s (%s)", reason, RULES.get(reason, ""))
+        site_event("refused", run=context.run_id, stage="announcement", rule=reason)
         return _refuse(msg, site, reason)
+    site_event("accepted", run=context.run_id, sites=ann.sites, method=ann.method,
+               max_candidates=ann.max_candidates_per_round,
+               fingerprints=fingerprints(ann.parent_fingerprints))
     # What was accepted, whole: every round is held to it (and counted against the policy).
     context.state.config_records[ACCEPTED_RECORD] = ConfigRecord(
         {"site": site, "announcement": ann.model_dump_json(), "rounds": 0}
@@ -245,11 +252,18 @@ def handle_score(msg: Message, context: Context, cfg: NodeConfig) -> Message:
             )
         except FedmergeError:
             log.exception("round %s: policy check failed", instr.round)
+            site_event("failed", run=context.run_id, round=instr.round, stage="round",
+                       rule="site:data-unavailable")
             return _refuse(msg, site, "site:data-unavailable")
         reason = reason or _check_ledger(cfg, context, instr, instr.sites, record=False)
         if reason:
             log.info("round %s refused: %s (%s)", instr.round, reason, RULES.get(reason, ""))
+            site_event("refused", run=context.run_id, round=instr.round, stage="round",
+                       rule=reason)
             return _refuse(msg, site, reason)
+        site_event("round", run=context.run_id, round=instr.round, stage=instr.stage,
+                   fold=instr.fold, sites=instr.sites, candidates=len(instr.candidates),
+                   fingerprints=fingerprints(instr.parent_fingerprints))
         accepted["rounds"] = int(accepted["rounds"]) + 1
         # A new round: whatever an earlier round left is dropped, released or not.
         context.state.array_records[SCORED_ARRAYS] = ArrayRecord()
@@ -266,6 +280,8 @@ def handle_score(msg: Message, context: Context, cfg: NodeConfig) -> Message:
         pos, neg = score_one(cfg, instr, req.index)
     except Exception:  # the details stay in the node's log; the coordinator gets a code
         log.exception("round %s: scoring candidate %s failed", instr.round, req.index)
+        site_event("failed", run=context.run_id, round=instr.round, stage="score",
+                   rule="site:scoring-failed")
         return _refuse(msg, site, "site:scoring-failed")
     context.state.array_records[SCORED_ARRAYS][str(req.index)] = Array(
         np.concatenate([pos, neg]).astype(np.int64)
@@ -302,21 +318,34 @@ def handle_round(msg: Message, context: Context, cfg: NodeConfig) -> Message:
     site = _site(context, cfg)
     instr = read_instructions(msg)
     histograms, rule = stored_histograms(context, instr)
+    state = context.state.config_records.get(SECAGG_STATE_RECORD)
+    sampled = int(state["sample_num"]) if state is not None else instr.sites
     if rule is None:
-        state = context.state.config_records.get(SECAGG_STATE_RECORD)
-        sampled = int(state["sample_num"]) if state is not None else instr.sites
         rule = _check_privacy_release(context, instr, sampled)
         rule = rule or _check_ledger(cfg, context, instr, sampled, record=True)
     if rule is not None:
         log.info("round %s: release refused: %s", instr.round, rule)
+        site_event("refused", run=context.run_id, round=instr.round, stage="release", rule=rule)
         return _refuse(msg, site, rule)
     # Released at most once: a second sum over other sites would isolate this one.
     context.state.config_records[SCORED_META]["spent"] = True
     from client.task import noisy_release
 
-    return histogram_reply(
+    reply = histogram_reply(
         msg, noisy_release(histograms, instr), instr.histogram.bins, noisy=instr.privacy.on
     )
+    site_event("released", run=context.run_id, round=instr.round, stage=instr.stage,
+               fold=instr.fold, sites=sampled, candidates=len(instr.candidates),
+               vector=_vector_length(reply), privacy=instr.privacy.mode)
+    if instr.stage == "test":  # the held-out round is a run's last
+        site_event("finished", run=context.run_id, round=instr.round)
+    return reply
+
+
+def _vector_length(reply: Message) -> int:
+    """Entries of the integer vector this site hands to SecAgg+ (the only thing it sends)."""
+    arrays = reply.content.array_records
+    return sum(int(a.numpy().size) for rec in arrays.values() for a in rec.values())
 
 
 def _check_privacy_release(context: Context, instr: RoundInstructions, sampled: int

@@ -351,15 +351,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds between polls once idle")
     parser.add_argument("--active-window", type=float, default=ACTIVE_WINDOW_S,
                         help="seconds after a task before backing off")
+    parser.add_argument("--site-log", default=None,
+                        help="the site's structured log (client/site_log.py), rotated")
+    parser.add_argument("--log-max-bytes", type=int, default=10_000_000)
+    parser.add_argument("--log-backups", type=int, default=5)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s")
+    if args.site_log:
+        from pathlib import Path
+
+        from client.site_log import configure
+
+        configure(Path(args.site_log), max_bytes=args.log_max_bytes, backups=args.log_backups)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     worker = ClientAppWorker(
         args.runtime_api_address, app_source=args.app_source, poll_interval=args.poll_interval,
         idle_poll_interval=args.idle_poll_interval, active_window=args.active_window,
     )
-    signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
-    signal.signal(signal.SIGINT, lambda *_: worker.stop_event.set())
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda *_: worker.stop_event.set())
     worker.warm_up()
     log.info("ready: serving the SuperNode at %s", args.runtime_api_address)
     worker.serve()

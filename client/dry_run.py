@@ -141,7 +141,7 @@ def dry_run(node_file: str | Path, *, folds: int = 2, fold_seed: int = 0) -> Dry
               f"parents {mem['parent_bytes'] / 1e9:.2f} GB "
               f"{live.placement} ({live.placement_reason})")
 
-    commands = [shell_line(argv) for _, argv in node_commands(conn, values)]
+    commands = [shell_line(argv) for _, argv in node_commands(conn, values, nf.service)]
     return DryRunReport(
         node_file=Path(node_file), site=site, data=cfg.data, records=len(records),
         positives=sum(r.label for r in records), folds=per_fold,

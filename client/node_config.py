@@ -7,11 +7,12 @@ comes from the run's simulation keys and the split the partition id selects.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.dp.settings import DEFAULT_DELTA, DEFAULT_EPSILON, PrivacyMode
 from common.errors import FedmergeError, validation_error
@@ -21,6 +22,9 @@ FAULT_PATTERN = (
     r"^(|drop|fail:(score|setup|share_keys|collect_masked_vectors|unmask)"
     r"|slow:(score|setup|share_keys|collect_masked_vectors|unmask):\d+(\.\d+)?)$"
 )
+
+DEVICE_PATTERN = r"^(cpu|cuda|cuda:\d{1,2}|mps)$"
+DEVICES = "cpu, cuda, cuda:N or mps"
 
 
 class PrivacyPolicy(BaseModel):
@@ -77,7 +81,7 @@ class SitePolicy(BaseModel):
 class SimulatedSplit(BaseModel):
     """How a simulated node carves its share out of a data spec every node loads."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     split: Literal["iid", "label", "size", "region"] = "region"
     sites: int = Field(ge=1)
@@ -95,6 +99,7 @@ class NodeConfig(BaseModel):
     data: str = Field(min_length=1)
     parent_a: Path
     parent_b: Path
+    # Checked here, not by torch at the first round (whose error is a long traceback).
     device: str = "cpu"
     # The live model's dtype (auto: float32 on CPU, bfloat16 on CUDA). Arithmetic is float32
     # either way; a bf16 live model halves the device memory the model takes.
@@ -104,7 +109,7 @@ class NodeConfig(BaseModel):
     parent_placement: Literal["auto", "device", "host"] = "auto"
     # CPU threads for scoring (None: torch's default, every core). Lower it when the node
     # shares its machine, e.g. several rehearsal nodes on one host.
-    threads: int | None = Field(default=None, ge=1)
+    threads: int | None = Field(default=None, ge=1, le=1024)
     policy: SitePolicy = SitePolicy()
     # The release ledger (client/ledger.py): an append-only file that outlives runs and
     # restarts. None keeps no memory across rounds (simulation only).
@@ -114,6 +119,13 @@ class NodeConfig(BaseModel):
     # stalls there; STAGE is score or a SecAgg+ stage (setup, share_keys,
     # collect_masked_vectors, unmask). "drop" = "fail:collect_masked_vectors".
     test_fault: str = Field(default="", pattern=FAULT_PATTERN)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(DEVICE_PATTERN, v):
+            raise ValueError(f"expected one of {DEVICES}")
+        return v
 
 
 # node-config key -> (model field, nested policy field or None)

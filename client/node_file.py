@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from common.errors import FedmergeError, validation_error
+from common.errors import FedmergeError, validation_error, validation_errors
 from common.flower_runtime import check_host_port, flower_env, flower_exe, format_flower_config
 
 
@@ -50,8 +50,8 @@ class NodeConnection(BaseModel):
     runtime_port: int = Field(9094, ge=1024, le=65535)
     isolation: Literal["process", "subprocess"] = "process"
     app_source: Literal["installed", "fab"] = "installed"
-    max_retries: int | None = Field(None, ge=0)
-    max_wait_time: float | None = Field(None, gt=0)
+    max_retries: int | None = Field(None, ge=0, le=1_000_000)
+    max_wait_time: float | None = Field(None, gt=0, le=365 * 86_400)
     flwr_home: Path | None = None
     # The SuperNode's pull interval (client/supernode_poll.py): `active_poll_s` for
     # `active_window_s` seconds after the last message or reply, then growing to
@@ -59,7 +59,7 @@ class NodeConnection(BaseModel):
     # waits. `idle_poll_s: null` runs plain `flower-supernode` (always 3 s).
     active_poll_s: float = Field(0.25, gt=0, le=3)
     idle_poll_s: float | None = Field(3.0, gt=0, le=30)
-    active_window_s: float = Field(60.0, ge=0)
+    active_window_s: float = Field(60.0, ge=0, le=86_400)
 
     @field_validator("superlink")
     @classmethod
@@ -75,6 +75,22 @@ class NodeConnection(BaseModel):
         return self
 
 
+class NodeService(BaseModel):
+    """Where a node that runs for months keeps its state: the PID file (`node.pid`), its
+    status (`status.json`) and its logs (`supernode.log`, `worker.log` and the site's own
+    `site.log`), plain text, each rotated at `log_max_mb` with `log_backups` old files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: Path = Path("node-state")  # relative to the node file's folder
+    log_max_mb: float = Field(10.0, gt=0, le=10_000)
+    log_backups: int = Field(5, ge=0, le=1000)
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.log_max_mb * 1_000_000)
+
+
 class NodeFile(BaseModel):
     """The whole node file: the connection plus the node's NodeConfig fields (raw here)."""
 
@@ -82,6 +98,7 @@ class NodeFile(BaseModel):
 
     connection: NodeConnection
     node: dict[str, Any]
+    service: NodeService = NodeService()
     path: Path | None = None
 
 
@@ -94,14 +111,24 @@ def _resolve(base: Path, p: Path | None) -> Path | None:
 
 def load_node_file(path: str | Path) -> NodeFile:
     """Parse and validate the node file; one error naming the file and field if it is bad."""
+    from client.node_config import NodeConfig
     from common.config_io import read_yaml_mapping
 
     path = Path(path)
     raw = read_yaml_mapping(path, "node file")
+    failures: list[tuple[ValidationError, str]] = []
+    nf = None
     try:
         nf = NodeFile.model_validate({**raw, "path": path})
     except ValidationError as exc:
-        raise validation_error(str(path), exc) from None
+        failures.append((exc, ""))
+    if isinstance(raw.get("node"), dict):  # every error of both sections at once
+        try:
+            NodeConfig.model_validate(raw["node"])
+        except ValidationError as exc:
+            failures.append((exc, "node."))
+    if failures or nf is None:
+        raise validation_errors(str(path), failures) from None
     base = path.resolve().parent
     conn = nf.connection.model_copy(
         update={
@@ -110,7 +137,8 @@ def load_node_file(path: str | Path) -> NodeFile:
             "flwr_home": _resolve(base, nf.connection.flwr_home),
         }
     )
-    return nf.model_copy(update={"connection": conn})
+    service = nf.service.model_copy(update={"dir": _resolve(base, nf.service.dir)})
+    return nf.model_copy(update={"connection": conn, "service": service})
 
 
 def node_config_values(nf: NodeFile) -> dict[str, Any]:
@@ -203,21 +231,31 @@ def supernode_argv(conn: NodeConnection, node_config: dict[str, Any]) -> list[st
     return argv
 
 
-def worker_argv(conn: NodeConnection) -> list[str] | None:
-    """The persistent ClientApp worker, needed only with `--isolation process`."""
+def worker_argv(conn: NodeConnection, service: NodeService | None = None) -> list[str] | None:
+    """The persistent ClientApp worker, needed only with `--isolation process`; with
+    `service`, it writes the site's structured log there (`site.log`, rotated)."""
     if conn.isolation != "process":
         return None
-    return [
+    argv = [
         sys.executable, "-m", "client.clientapp_worker",
         "--runtime-api-address", f"127.0.0.1:{conn.runtime_port}",
         "--app-source", conn.app_source,
     ]
+    if service is not None:
+        argv += [
+            "--site-log", str(service.dir / "site.log"),
+            "--log-max-bytes", str(service.max_bytes),
+            "--log-backups", str(service.log_backups),
+        ]
+    return argv
 
 
-def node_commands(conn: NodeConnection, node_config: dict[str, Any]) -> list[tuple[str, list[str]]]:
+def node_commands(
+    conn: NodeConnection, node_config: dict[str, Any], service: NodeService | None = None
+) -> list[tuple[str, list[str]]]:
     """What `fedmerge node start` runs, in order; the dry run prints the same list."""
     commands = [("supernode", supernode_argv(conn, node_config))]
-    worker = worker_argv(conn)
+    worker = worker_argv(conn, service)
     if worker:
         commands.append(("worker", worker))
     return commands

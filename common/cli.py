@@ -22,6 +22,7 @@ import typer
 COMMAND_MODULES = ("server.cli", "client.cli", "simulation.cli")
 
 app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # locals may hold patient text
     name="fedmerge",
     no_args_is_help=True,
     add_completion=False,
@@ -29,6 +30,7 @@ app = typer.Typer(
     "by pooled AUROC across hospitals, without moving patient data.",
 )
 certs_app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # locals may hold patient text
     no_args_is_help=True,
     help="Make the deployment's key material: CA, SuperLink certificate, node keys.",
 )

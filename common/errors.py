@@ -18,8 +18,21 @@ def validation_error(source: str, exc: ValidationError, *, prefix: str = "") -> 
     Every config fedmerge reads (recipes, node files, site policies, merge recipes) reports
     through here, so an operator sees the same shape of message whichever file is wrong.
     """
+    return validation_errors(source, [(exc, prefix)])
+
+
+def validation_errors(
+    source: str, failures: list[tuple[ValidationError, str]]
+) -> FedmergeError:
+    """Several models' errors (e.g. a node file's two sections) as ONE line, all at once.
+
+    Never the offending value: an unknown key is named, a bad value only by its field (a
+    value may be a path or, pasted by mistake, a line of patient text).
+    """
     parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        parts.append(f"field '{prefix}{loc}': {err['msg']}")
+    for exc, prefix in failures:
+        for err in exc.errors(include_input=False, include_url=False):
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            parts.append(f"field '{prefix}{loc}': {msg}")
     return FedmergeError(f"{source}: {'; '.join(parts)}")

@@ -16,8 +16,9 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -25,16 +26,25 @@ class Proc:
     """One started command, its log file, and how to stop its whole process group."""
 
     def __init__(self, name: str, argv: list[str], *, env: dict[str, str], log_path: Path,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, on_line: Callable[[str], None] | None = None) -> None:
+        """With `on_line`, the output is piped to it line by line (which then owns writing
+        `log_path`, e.g. rotated and without colour codes) instead of going to the file."""
         self.name = name
         self.argv = argv
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = None if on_line else open(self.log_path, "ab")  # noqa: SIM115 - stop()
         self.popen = subprocess.Popen(
-            argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            argv, env=env, cwd=cwd, stdout=subprocess.PIPE if on_line else self._log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
+        self._pump = None
+        if on_line is not None:
+            self._pump = threading.Thread(
+                target=_pump_lines, args=(self.popen.stdout, on_line), daemon=True,
+                name=f"{name}-output",
+            )
+            self._pump.start()
 
     @property
     def pid(self) -> int:
@@ -63,7 +73,18 @@ class Proc:
             os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(grace)
-        self._log.close()
+        if self._pump is not None:
+            self._pump.join(timeout=grace)
+        if self._log is not None:
+            self._log.close()
+
+
+def _pump_lines(stream, on_line: Callable[[str], None]) -> None:
+    """Hand every output line to `on_line` until the process (group) closes its output."""
+    with stream:
+        for raw in iter(stream.readline, b""):
+            with contextlib.suppress(Exception):  # a sink error must not block the child
+                on_line(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
 
 
 class ProcSet:

@@ -94,7 +94,7 @@ Candidate = float | dict[str, float]
 class ScoringSettings(BaseModel):
     """How every site turns a record into log-odds; identical across sites by construction."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     template: str | None = None  # None: the scorer's default (the paper's wording)
     use_chat_template: bool = False

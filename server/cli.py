@@ -12,12 +12,14 @@ from pathlib import Path
 import typer
 
 coord_app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # locals may hold patient text
     no_args_is_help=True,
     help="Coordinator: run the SuperLink, register hospital keys, submit tuning runs.",
 )
 
 DEFAULT_CERTS = Path("certs")
 DEFAULT_CONNECTION = "fedmerge"
+DEFAULT_STATE = Path("superlink-state")
 
 
 def _echo_cmd(argv: list[str]) -> None:
@@ -90,9 +92,13 @@ def start_superlink(
     database: Path = typer.Option(None, "--database", help="SQLite state file (default RAM)."),
     connection: str = typer.Option(DEFAULT_CONNECTION, "--connection"),
     flwr_home: Path = typer.Option(None, "--flwr-home", envvar="FLWR_HOME"),
+    state_dir: Path = typer.Option(
+        DEFAULT_STATE, "--state-dir", help="PID file and superlink.log (rotated)."
+    ),
     print_only: bool = typer.Option(False, "--print-only", help="Print, do not run."),
 ) -> None:
-    """Start the SuperLink with TLS and node authentication, and record the CLI connection."""
+    """Start the SuperLink with TLS and node authentication, and record the CLI connection.
+    SIGTERM, SIGINT (Ctrl-C) or SIGHUP stop it with every process it started."""
     from common.flower_runtime import flower_env
     from server.deployment import superlink_argv, write_connection
 
@@ -108,7 +114,58 @@ def start_superlink(
     typer.echo(f"connection '{connection}' written to {cfg}")
     _echo_cmd(argv)
     if not print_only:
-        _run_foreground(argv, flower_env(home))
+        _supervise_superlink(argv, flower_env(home), host, port, state_dir)
+
+
+def _supervise_superlink(argv: list[str], env: dict[str, str], host: str, port: int,
+                         state_dir: Path) -> None:
+    """Run the SuperLink until a stop signal or its exit; never leave a process behind."""
+    import time
+
+    from common.processes import proc_set, wait_for_port
+    from common.service import PidFile, StopRequested, rotating_writer, stop_on_signals
+
+    pid_file = PidFile(state_dir / "superlink.pid")
+    pid_file.claim("a SuperLink", f"fedmerge coordinator stop-superlink --state-dir {state_dir}")
+    log = rotating_writer(state_dir / "superlink.log", max_bytes=10_000_000, backups=5)
+
+    def tee(line: str) -> None:
+        log(line)
+        typer.echo(line)
+
+    try:
+        with stop_on_signals(), proc_set() as procs:
+            link = procs.start("superlink", argv, env=env, log_path=state_dir / "superlink.log",
+                               on_line=tee)
+            try:
+                wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port,
+                              timeout=120, proc=link)
+            except (RuntimeError, TimeoutError):
+                typer.secho(f"error: the SuperLink did not start listening on {host}:{port} "
+                            f"(see {state_dir / 'superlink.log'})", err=True, fg="red")
+                raise typer.Exit(1) from None
+            typer.echo(f"running: SuperLink listening on {host}:{port}; stop with "
+                       f"`fedmerge coordinator stop-superlink --state-dir {state_dir}`")
+            while link.poll() is None:
+                time.sleep(0.5)
+            typer.secho(f"error: the SuperLink exited with code {link.poll()}", err=True)
+            raise typer.Exit(1)
+    except StopRequested as stop:
+        typer.echo(f"stopped ({stop}): the SuperLink and every process it started are gone")
+    finally:
+        pid_file.release()
+
+
+@coord_app.command("stop-superlink")
+def stop_superlink(
+    state_dir: Path = typer.Option(DEFAULT_STATE, "--state-dir", help="As given to start."),
+) -> None:
+    """Stop the SuperLink started with this --state-dir and wait until it is gone."""
+    from common.service import stop_by_pid_file
+
+    pid = stop_by_pid_file(state_dir / "superlink.pid", what="the SuperLink")
+    typer.echo("no SuperLink was running from this state folder" if pid is None
+               else f"stopped the SuperLink (pid {pid})")
 
 
 @coord_app.command("connect")
@@ -166,22 +223,52 @@ def submit(
     ),
     stage_dir: Path = typer.Option(Path("runs/.staged-app"), "--stage-dir"),
     flwr_home: Path = typer.Option(None, "--flwr-home", envvar="FLWR_HOME"),
+    detach: bool = typer.Option(
+        False, "--detach", help="Return once uploaded (print how to follow and stop the run)."
+    ),
     print_only: bool = typer.Option(False, "--print-only"),
 ) -> None:
-    """Validate RECIPE.yaml and submit a tuning run; the ServerApp writes --out/report.json."""
+    """Validate RECIPE.yaml, submit a tuning run and wait for it, showing progress; the
+    ServerApp writes --out/report.json for every run, failed ones included."""
+    import time
+
     from common.flower_runtime import flower_env
     from server.deployment import run_config_for, stage_app, submit_argv
     from server.recipe import load_recipe
+    from server.run_follow import how_to, upload, wait_for_report
 
     chosen = load_recipe(recipe).with_fingerprints()  # fails here if parents are missing
     run_config = run_config_for(chosen, out, sites)
     staged = stage_app(app_dir or None, stage_dir, run_config)
-    typer.echo(f"parents: A {chosen.fingerprint_a[:16]}..., B {chosen.fingerprint_b[:16]}...")
+    typer.echo(f"parent A sha256 {chosen.fingerprint_a}")
+    typer.echo(f"parent B sha256 {chosen.fingerprint_b}")
     argv = submit_argv(staged, connection, run_config)
     _echo_cmd(argv)
-    if not print_only:
-        _run_foreground(argv, flower_env(flwr_home))
-        typer.echo(f"submitted; the report will be written to {out.resolve()}/report.json")
+    if print_only:
+        return
+    env = flower_env(flwr_home)
+    out = out.resolve()
+    since = time.time()
+    try:
+        run_id = upload(argv, env)
+    except KeyboardInterrupt:
+        typer.echo("interrupted before the upload finished: no run was submitted "
+                   f"(check with `flwr list {connection}`)")
+        raise typer.Exit(130) from None
+    typer.echo(f"submitted run {run_id}")
+    for line in how_to(run_id, connection, out):
+        typer.echo(line)
+    if detach:
+        return
+    try:
+        code = wait_for_report(run_id, connection, out, env, typer.echo, since=since)
+    except KeyboardInterrupt:
+        typer.echo(f"stopped waiting; run {run_id} continues on the SuperLink. Follow it with "
+                   f"`flwr log {run_id} {connection}`, stop it with "
+                   f"`flwr stop {run_id} {connection}`")
+        raise typer.Exit(130) from None
+    if code:
+        raise typer.Exit(code)
 
 
 def register(app: typer.Typer, certs: typer.Typer) -> None:

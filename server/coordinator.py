@@ -73,6 +73,19 @@ def _reason_of(raw: str | None) -> str:
     return refusal.reason if refusal is not None else describe_error(raw)
 
 
+def nodes_named_in(message: str, node_ids) -> list[int]:
+    """The node ids of `node_ids` that a message mentions (Flower's ids are long integers)."""
+    import re
+
+    mentioned = {int(x) for x in re.findall(r"\d+", message)}
+    return [n for n in node_ids if n in mentioned]
+
+
+def with_site_names(message: str, missing: list[int], site_of: Callable[[int], str]) -> str:
+    names = ", ".join(sorted(site_of(n) for n in missing))
+    return f"{message}; sites missing: {names or 'none named'}"
+
+
 def wait_for_nodes(grid, expected: int, wait_s: float) -> list[int]:
     """Node ids once `expected` nodes are connected, or whatever is there after `wait_s`."""
     deadline = time.monotonic() + wait_s
@@ -178,7 +191,7 @@ def run_tuning(
     node_ids = wait_for_nodes(grid, expected_sites or recipe.min_sites, wait_s)
     emit("nodes", count=len(node_ids))
     accepted, refusals = announce(grid, recipe, node_ids)
-    emit("announced", accepted=sorted(accepted.values()), refusals=refusals)
+    emit("announced", accepted=sorted(accepted.values()), refusals=refusals, nodes=accepted)
     if len(accepted) < recipe.min_sites:
         why = "; ".join(f"{r['site']}: {r['reason']}" for r in refusals) or "no refusals"
         raise FedmergeError(
@@ -208,6 +221,7 @@ def run_tuning(
         else:
             why = reason if reason is not None else describe_error(raw)
             dropouts.append({"site": site_of(nid), "round": rnd, "reason": why})
+        emit("site_lost", round=rnd, site=site_of(nid), refusals=refusals, dropouts=dropouts)
         if nid in live:
             live.remove(nid)
 
@@ -259,10 +273,15 @@ def run_tuning(
         floor = recipe.min_sites
         if instr.privacy.mode == "distributed":
             floor = max(floor, instr.privacy.honest_sites)
-        outcome = secure_round(
-            grid, context, node_ids=scored.ready, instructions=instr,
-            settings=recipe.secagg, min_sites=floor,
-        )
+        try:
+            outcome = secure_round(
+                grid, context, node_ids=scored.ready, instructions=instr,
+                settings=recipe.secagg, min_sites=floor,
+            )
+        except FedmergeError as exc:  # it names nodes by id: name the sites too
+            missing = nodes_named_in(str(exc), scored.ready)
+            emit("secagg_failed", round=rnd, missing=sorted(site_of(n) for n in missing))
+            raise FedmergeError(with_site_names(str(exc), missing, site_of)) from None
         for nid, raw in outcome.failures.items():
             lose(nid, rnd, raw)
         sites = sorted(site_of(n) for n in outcome.contributors)

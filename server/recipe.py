@@ -25,14 +25,16 @@ class SearchSettings(BaseModel):
     then best ± step/2 per round, halving the step, until it is below `tolerance` (a λ step)
     or `max_rounds` refinement rounds are spent. The defaults cost 5 evaluations."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # Bounded: every point is a full scoring pass at every site (a site's policy caps
+    # candidates per round at max_candidates, 32 by default, at most 1024).
     strategy: Literal["grid", "adaptive"] = "grid"
-    grid_points: int = Field(default=11, ge=2)
-    coarse_points: int = Field(default=3, ge=2)
+    grid_points: int = Field(default=11, ge=2, le=101)
+    coarse_points: int = Field(default=3, ge=2, le=33)
     tolerance: float = Field(default=0.1, gt=0, le=0.5)
-    max_rounds: int = Field(default=4, ge=0)
-    max_candidates_per_round: int = Field(default=11, ge=1)
+    max_rounds: int = Field(default=4, ge=0, le=100)
+    max_candidates_per_round: int = Field(default=11, ge=1, le=1024)
 
 
 class SecAggSettings(BaseModel):
@@ -40,7 +42,7 @@ class SecAggSettings(BaseModel):
     the timeout of each SecAgg+ stage. Scoring happens before the exchange, so a stage only
     moves keys, shares and masked vectors: seconds, whatever the model's size."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     num_shares: int | float = 1.0
     reconstruction_threshold: int | float = 0.67
@@ -100,9 +102,10 @@ class PrivacyRecipe(BaseModel):
 
 
 class TuningRecipe(BaseModel):
-    """Everything the coordinator needs for one federated λ search."""
+    """Everything the coordinator needs for one federated λ search. Strict: an unknown key
+    (`lambda`, `search.grid_point`, `secagg.timout`) is an error, never a silent default."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     parent_a: str = Field(min_length=1)
     parent_b: str = Field(min_length=1)
@@ -121,7 +124,7 @@ class TuningRecipe(BaseModel):
     secagg: SecAggSettings = SecAggSettings()
     # Seconds one site may take to score ONE candidate (None: from the parents' size, see
     # `default_score_timeout`). A site slower than this is left out of that round.
-    score_timeout: float | None = Field(default=None, gt=0)
+    score_timeout: float | None = Field(default=None, gt=0, le=7 * 86_400)
     histogram: HistogramSpec = FEDERATED_HISTOGRAM
     scoring: ScoringSettings = ScoringSettings()
     privacy: PrivacyRecipe = PrivacyRecipe()

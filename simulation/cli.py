@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 demo_app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # locals may hold patient text
     name="demo-parents",
     no_args_is_help=True,
     help="The built-in demo parents (toys, no clinical validity): show or rebuild them.",

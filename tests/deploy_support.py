@@ -16,9 +16,10 @@ def write_cohort(root: Path, cohort: str):
 
 
 def node_file(path: Path, site: str, data: Path, parents, conn, policy: dict,
-              fault: str = "") -> Path:
+              fault: str = "", **connection) -> Path:
     """A hospital's node file as an operator writes it (one scoring thread: nodes share the
-    machine's two cores, as the simulated nodes do)."""
+    machine's two cores, as the simulated nodes do); its state folder is `NAME-state/`
+    next to it. `connection` adds or replaces connection fields."""
     import yaml
 
     node = {
@@ -33,10 +34,78 @@ def node_file(path: Path, site: str, data: Path, parents, conn, policy: dict,
             "root_certificates": str(conn.root_certificates),
             "auth_private_key": str(conn.auth_private_key),
             "runtime_port": conn.runtime_port,
+            **connection,
         },
         "node": node,
+        "service": {"dir": f"{path.stem}-state"},
     }))
     return path
+
+
+class NodeService:
+    """`fedmerge node start NODE_FILE` as an operator (or systemd) runs it: its own process,
+    its terminal output in a file."""
+
+    def __init__(self, path: Path) -> None:
+        import subprocess
+        import sys
+
+        self.path = path
+        self.out = path.with_suffix(".out")
+        self.state = path.parent / f"{path.stem}-state"
+        with open(self.out, "wb") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "common.cli", "node", "start", str(path)],
+                stdout=fh, stderr=subprocess.STDOUT,
+            )
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        """Until the terminal output holds `text` (TimeoutError naming it otherwise)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.output()
+            if text in out:
+                return out
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.path.name}: no {text!r} in its output:\n{self.output()}")
+
+    def status(self) -> dict:
+        """`fedmerge node status --json` as a dict."""
+        import json
+        import subprocess
+        import sys
+
+        res = subprocess.run(
+            [sys.executable, "-m", "common.cli", "node", "status", str(self.path), "--json"],
+            capture_output=True, text=True, timeout=60,
+        )
+        return {"exit": res.returncode, **json.loads(res.stdout)}
+
+    def kill(self) -> None:
+        """A test's cleanup (the test itself stops it with a signal): SIGTERM, then SIGKILL
+        for it and everything under it."""
+        import contextlib
+        import subprocess
+
+        import psutil
+
+        if self.proc.poll() is not None:
+            return
+        tree = [psutil.Process(p) for p in descendants([self.proc.pid])]
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(20)
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        self.proc.wait(10)
 
 
 def descendants(pids: list[int]) -> dict[int, str]:

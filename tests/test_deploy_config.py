@@ -427,4 +427,17 @@ def test_a_policy_typo_is_an_error_not_a_default(node_file):
     node_file.write_text(yaml.safe_dump(raw))
     res = runner.invoke(app, ["node", "dry-run", str(node_file)])
     assert isinstance(res.exception, FedmergeError)
-    assert "field 'node.policy.min_site': Extra inputs are not permitted" in str(res.exception)
+    assert "field 'node.policy.min_site': unknown key" in str(res.exception)
+
+
+def test_dry_run_prints_the_whole_sha256_on_a_narrow_terminal(node_file, tiny_parents):
+    from common.model_io import fingerprint
+
+    raw = yaml.safe_load(node_file.read_text())
+    raw["node"]["policy"] = {"min_cohort": 5, "min_positives": 1}  # another test edits it
+    narrow = node_file.with_name("narrow.yaml")
+    narrow.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["node", "dry-run", str(narrow)], env={"COLUMNS": "40"})
+    assert res.exit_code == 0, res.output
+    assert f"parent A sha256 {fingerprint(Path(tiny_parents[0]))}" in res.output
+    assert f"parent B sha256 {fingerprint(Path(tiny_parents[1]))}" in res.output

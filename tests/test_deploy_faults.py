@@ -3,14 +3,20 @@
 One real SuperLink (TLS + node authentication) and five hospital SuperNodes, each with its
 persistent worker, on 127.0.0.1 run three tunings one after the other:
 
-A. hospital-e is stalled in its first scoring task, then its SuperNode and worker are
-   SIGKILLed: the run must finish with the other four and report hospital-e as a dropout
-   ("still scoring after ..."), its figures covering exactly the four sites' tuning folds.
+A. hospital-e runs as operators run it (`fedmerge node start`; `node status` says
+   connected). It is stalled in its first scoring task, then its `node start` gets SIGTERM
+   (what systemd and docker send): no fedmerge or Flower process of it may remain,
+   `node status` says stopped, and the run must finish with the other four and report
+   hospital-e as a dropout ("still scoring after ..."), its figures covering exactly the
+   four sites' tuning folds.
 B. A run on the four is stopped with `flwr stop` once its first SecAgg+ round is under way
    (hospital-a stalls a little in `share_keys`, so a worker holds a task of the run when it
    is stopped): it must end as stopped, with no report.
 C. The next run must complete with the same four nodes and workers. (A stop used to SIGINT
    the workers, so every later run failed with "announcement: 0 of N sites accepted".)
+D. `fedmerge coordinator submit` of a slerp recipe that hospital-d's policy refuses
+   (`methods: [linear]`), needing all four sites: the command waits, fails, and the run's
+   report.json names the stage, the rule and the site.
 
 Everything runs inside one module fixture that stops every process before any assertion,
 so a failing test never leaves a Flower process (or a port) behind.
@@ -22,11 +28,14 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from deploy_support import alive, descendants, node_file, write_cohort
+import yaml
+from deploy_support import NodeService, alive, descendants, node_file, write_cohort
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
@@ -42,6 +51,7 @@ RECIPE = {
     "secagg": {"timeout": 30.0},
     "score_timeout": SCORE_TIMEOUT,
 }
+POLICIES = {"hospital-d": {**POLICY, "methods": ["linear"]}}
 FAULTS = {
     KILLED: "slow:score:60",  # still on candidate 0 of round 1 when it is killed
     "hospital-a": "slow:share_keys:3",  # holds a SecAgg+ task when run B is stopped
@@ -108,31 +118,43 @@ def faults(tmp_path_factory, tiny_parents):
         return run_id, out
 
     def log(name: str) -> str:
+        if name == KILLED:
+            return (service.state / "supernode.log").read_text(errors="replace")
         return dep.nodes[name].supernode.log_text()
 
+    service: NodeService | None = None
+
     def flow() -> None:
+        nonlocal service
         dep.make_certs(list(SITES))
         dep.start_superlink()
         dep.register(*SITES)
         for name, site, data in zip(SITES, site_names, site_files, strict=True):
             nf = node_file(data_root / f"{name}.yaml", site, data, tiny_parents,
-                           dep.connection(name), POLICY, FAULTS.get(name, ""))
-            dep.start_node(name, node_config_values(load_node_file(nf)))
+                           dep.connection(name), POLICIES.get(name, POLICY),
+                           FAULTS.get(name, ""))
+            if name == KILLED:
+                service = NodeService(nf)
+            else:
+                dep.start_node(name, node_config_values(load_node_file(nf)))
         mark("nodes started")
 
         # -- A: hospital-e dies while it scores candidate 0 of round 1 ------------------
         run_a, out_a = submit("a", sites=len(SITES))
+        service.wait_for("running: connected", 90)
+        result["status_e_connected"] = service.status()
         _wait_until(
             f"{KILLED} receives its first query.score",
             lambda: _received(log(KILLED), run_a, "query.score") >= 1, timeout=120,
         )
         time.sleep(2.0)  # its worker claims the task and stalls in it (60 s)
-        victim = dep.nodes[KILLED]
-        for proc in (victim.supernode, victim.worker):
-            os.killpg(proc.pid, signal.SIGKILL)
-        for proc in (victim.supernode, victim.worker):
-            result.setdefault("killed_rc", []).append(proc.wait(10))
-        mark("a killed")
+        tree = descendants([service.proc.pid])
+        result["tree_e"] = tree
+        service.proc.send_signal(signal.SIGTERM)
+        result["sigterm_rc"] = service.proc.wait(30)
+        result["left_e"] = {p: n for p, n in tree.items() if alive(p)}
+        result["status_e_stopped"] = service.status()
+        mark("a: e stopped")
         dep.wait_for_file(out_a / "report.json", run_a, timeout=150)
         mark("a reported")
         result["report_a"] = json.loads((out_a / "report.json").read_text())
@@ -157,9 +179,27 @@ def faults(tmp_path_factory, tiny_parents):
         # -- C: right after, on the same four nodes and workers ---------------------------
         run_c, out_c = submit("c", sites=len(LIVE))
         dep.wait_for_file(out_c / "report.json", run_c, timeout=150)
-        mark("c reported")
         result["report_c"] = json.loads((out_c / "report.json").read_text())
         result["report_b_exists"] = (out_b / "report.json").exists()
+        mark("c reported")
+
+        # -- D: one site refuses; `coordinator submit` waits and the report says why --------
+        recipe_d = root / "recipe-d.yaml"
+        recipe_d.write_text(yaml.safe_dump({
+            **RECIPE, "method": "slerp", "min_sites": len(LIVE),
+            "parent_a": str(tiny_parents[0]), "parent_b": str(tiny_parents[1]),
+        }))
+        out_d = root / "report-d"
+        submitted = subprocess.run(
+            [sys.executable, "-m", "common.cli", "coordinator", "submit", str(recipe_d),
+             "--out", str(out_d), "--sites", str(len(LIVE)), "--connection", CONNECTION,
+             "--flwr-home", str(dep.home), "--app-dir", str(dep.app_dir),
+             "--stage-dir", str(root / "staged-d")],
+            capture_output=True, text=True, timeout=240,
+        )
+        result["submit_d"] = (submitted.returncode, submitted.stdout + submitted.stderr)
+        result["report_d"] = json.loads((out_d / "report.json").read_text())
+        mark("d failed")
         result["live_before_close"] = {
             n: (dep.nodes[n].supernode.poll(), dep.nodes[n].worker.poll()) for n in LIVE
         }
@@ -172,6 +212,9 @@ def faults(tmp_path_factory, tiny_parents):
         raise
     finally:
         worker_logs = {n: dep.nodes[n].worker.log_text() for n in dep.nodes}
+        result["tails"] = dep.tails(30)  # for the assertion messages below
+        if service is not None:
+            service.kill()
         dep.close()
         os.environ.pop("FEDMERGE_WORKER_STATS", None)
     mark("closed")
@@ -185,14 +228,17 @@ def faults(tmp_path_factory, tiny_parents):
 def test_killed_site_is_a_dropout_and_the_run_completes(faults):
     report, site_of = faults["report_a"], faults["site_of"]
     live = sorted(site_of[n] for n in LIVE)
-    assert faults["killed_rc"] == [-signal.SIGKILL] * 2
     assert sorted(report["accepted_sites"]) == sorted(site_of.values())
     assert report["contributing_sites"] == live
     assert [d["site"] for d in report["dropouts"]] == [site_of[KILLED]]
     dropout = report["dropouts"][0]
     assert dropout["round"] == 1
-    assert dropout["reason"].startswith(f"still scoring after {SCORE_TIMEOUT:g} s"), dropout
-    assert "(0 of 3 done)" in dropout["reason"]
+    # Stopped, its node stops heartbeating: the SuperLink answers for it ("Node
+    # Unavailable"), unless the scoring timeout runs out first.
+    stalled = dropout["reason"].startswith(f"still scoring after {SCORE_TIMEOUT:g} s")
+    assert stalled or dropout["reason"].startswith("Error: Node Unavailable"), dropout
+    if stalled:
+        assert "(0 of 3 done)" in dropout["reason"]
     assert report["refusals"] == []
     assert len(report["tune"]) == 3
     # The deployment default: distributed noise, within the sites' default ε per run.
@@ -204,8 +250,36 @@ def test_killed_site_is_a_dropout_and_the_run_completes(faults):
         assert fig["sites"] == live
     first = report["rounds"][0]
     assert first["failed"] == [site_of[KILLED]] and first["sites"] == live
-    # The round waited for hospital-e's first candidate (twice the per-candidate timeout).
-    assert first["scoring_seconds"] >= 2 * SCORE_TIMEOUT - 1
+    if stalled:  # the round waited for its first candidate (twice the per-candidate timeout)
+        assert first["scoring_seconds"] >= 2 * SCORE_TIMEOUT - 1
+
+
+def test_sigterm_stops_the_whole_node_and_status_says_so(faults):
+    connected, stopped = faults["status_e_connected"], faults["status_e_stopped"]
+    assert connected["exit"] == 0 and connected["status"]["state"] == "connected"
+    assert connected["status"]["node_id"] is not None
+    assert faults["sigterm_rc"] == 0
+    names = set(faults["tree_e"].values())
+    assert len(faults["tree_e"]) >= 3 and any("python" in n for n in names), names
+    assert faults["left_e"] == {}  # no fedmerge or Flower process of hospital-e remains
+    assert stopped["exit"] == 3 and not stopped["running"]
+    assert (stopped["status"]["state"], stopped["status"]["cause"]) == (
+        "stopped", "stopped by SIGTERM")
+    assert [r["outcome"] for r in stopped["runs"]] == ["accepted"]  # run A, never finished
+
+
+def test_a_refused_run_leaves_a_report_naming_stage_rule_and_site(faults):
+    code, output = faults["submit_d"]
+    refusing = faults["site_of"]["hospital-d"]
+    report = faults["report_d"]
+    assert code == 1, output
+    assert report["status"] == "failed" and report["stage"] == "announcement"
+    assert report["cause"] == "too-few-sites"
+    assert report["rules"] == {refusing: "policy:method-not-allowed"}
+    assert report["sites_missing"] == [refusing]
+    assert len(report["sites_answered"]) == len(LIVE) - 1
+    assert f"refused by {refusing}: policy:method-not-allowed" in output
+    assert "follow it:  flwr log" in output and "stop it:    flwr stop" in output
 
 
 def test_stopped_run_ends_stopped_without_a_report(faults):
@@ -219,7 +293,7 @@ def test_stopped_run_ends_stopped_without_a_report(faults):
 def test_run_after_a_stop_completes_with_the_same_nodes(faults):
     report, site_of = faults["report_c"], faults["site_of"]
     live = sorted(site_of[n] for n in LIVE)
-    assert report["contributing_sites"] == live
+    assert report["contributing_sites"] == live, faults["tails"]
     assert report["dropouts"] == []
     # hospital-e's node id may still be listed online when C starts; nothing else refuses.
     assert all(r["site"].startswith("node-") for r in report["refusals"]), report["refusals"]

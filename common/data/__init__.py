@@ -3,7 +3,8 @@
 `load_records("eicu:/data/eicu?site=hospital")` and friends turn a hospital's data into the
 `PatientRecord`s every other module consumes, whatever the source format. Specs:
 `jsonl:PATH`, `csv:PATH`, `mimic4:DIR[?hours=48&demographics=1&site=NAME]`,
-`eicu:DIR[?site=region|hospital&hours=24]`, `synthetic:ARGS` (the built-in synthetic cohort).
+`eicu:DIR[?site=region|hospital&hours=24&select=NAME]` (`select` keeps one region or
+hospital), `synthetic:ARGS` (`site=I` keeps one hospital) (the built-in synthetic cohort).
 """
 
 from __future__ import annotations
@@ -38,9 +39,15 @@ def _load(spec: DataSpec) -> list[PatientRecord]:
     if spec.kind == "eicu":
         from common.data.eicu import load_eicu
 
-        return load_eicu(
+        records = load_eicu(
             spec.path, site=spec.option("site", "region"), hours=spec.float_option("hours", 24.0)
         )
+        if spec.options.get("select"):
+            from common.data.select import select_site
+
+            return select_site(records, spec.options["select"], f"eicu:{spec.location}",
+                               "select")
+        return records
     return _synthetic(spec.location)
 
 

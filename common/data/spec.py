@@ -18,7 +18,7 @@ KIND_OPTIONS: dict[str, frozenset[str]] = {
     "jsonl": frozenset(),
     "csv": frozenset(),
     "mimic4": frozenset({"hours", "demographics", "site"}),
-    "eicu": frozenset({"hours", "site"}),
+    "eicu": frozenset({"hours", "site", "select"}),
     "synthetic": frozenset(),
 }
 

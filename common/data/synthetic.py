@@ -430,8 +430,10 @@ def _parse_int(spec: str, key: str, raw: str) -> int:
 
 def load_synthetic(args: str) -> list[PatientRecord]:
     """Parse the text after `synthetic:` (`sites=N,seed=S,stays=A/B/C` or `stays=N`; every key
-    optional, empty = the default cohort) and generate the cohort."""
-    n_sites, seed, stays_raw = DEFAULT_SITES, DEFAULT_SEED, None
+    optional, empty = the default cohort) and generate the cohort. `site=I` (or `site=site-I`)
+    keeps one hospital's stays: what a rehearsal node's file names, so that every node
+    generates the same cohort and scores only its own share."""
+    n_sites, seed, stays_raw, site = DEFAULT_SITES, DEFAULT_SEED, None, None
     for part in filter(None, (p.strip() for p in args.split(","))):
         key, sep, value = part.partition("=")
         key, value = key.strip(), value.strip()
@@ -446,12 +448,19 @@ def load_synthetic(args: str) -> list[PatientRecord]:
             seed = _parse_int(args, key, value)
         elif key == "stays":
             stays_raw = [_parse_int(args, key, v) for v in value.split("/")]
+        elif key == "site":
+            site = f"site-{value}" if value.isdigit() else value
         else:
             raise FedmergeError(
                 f"data spec 'synthetic:{args}': unknown field '{key}' "
-                "(expected sites, seed or stays)"
+                "(expected sites, seed, stays or site)"
             )
     stays = None
     if stays_raw is not None:
         stays = stays_raw * n_sites if len(stays_raw) == 1 else stays_raw
-    return generate_cohort(n_sites, seed=seed, stays_per_site=stays)
+    records = generate_cohort(n_sites, seed=seed, stays_per_site=stays)
+    if site is None:
+        return records
+    from common.data.select import select_site
+
+    return select_site(records, site, f"synthetic:{args}", "site")

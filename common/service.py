@@ -1,0 +1,140 @@
+"""What a fedmerge command that runs for months needs: a PID file, stop signals, plain logs.
+
+Why: `fedmerge node start` and `fedmerge coordinator start-superlink` each supervise Flower
+processes that start processes of their own. systemd, docker and `kill` send SIGTERM (a
+terminal closing sends SIGHUP); Python's default for both is to die at once, leaving every
+child running (a "stopped" hospital kept taking part in runs). Here the three stop signals
+become one exception in the supervising loop, whose `finally` stops every process group and
+removes the PID file. The PID file (`pid` of the supervisor) is what `... stop` signals and
+what refuses a second start from the same folder. Child output is written through
+`RotatingFileHandler`s, without terminal colour codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.handlers
+import os
+import re
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from common.errors import FedmergeError
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class StopRequested(Exception):  # noqa: N818 - a request, not an error
+    """A stop signal arrived; the supervising loop unwinds and stops its children."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, SIGTERM, SIGINT and SIGHUP raise StopRequested (main thread only)."""
+
+    stopping = []
+
+    def handler(signum, _frame):
+        if not stopping:  # a second signal must not interrupt the stopping itself
+            stopping.append(signum)
+            raise StopRequested(signum)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def plain(line: str) -> str:
+    """The line without terminal colour codes."""
+    return ANSI_ESCAPE.sub("", line)
+
+
+def rotating_writer(path: Path, *, max_bytes: int, backups: int) -> Callable[[str], None]:
+    """A line sink writing `path` as plain text, rotated at `max_bytes` with `backups` files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+    )
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(f"fedmerge.output.{path.resolve()}")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    def write(line: str) -> None:
+        logger.info(plain(line))
+
+    return write
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class PidFile:
+    """`path` holds the supervisor's pid while it runs; a stale file (its process gone) is
+    replaced, a live one refuses the second start."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def pid(self) -> int | None:
+        """The pid written there if that process still runs, else None."""
+        try:
+            pid = int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if _running(pid) else None
+
+    def claim(self, what: str, stop_hint: str) -> None:
+        running = self.pid()
+        if running is not None and running != os.getpid():
+            raise FedmergeError(
+                f"{self.path}: {what} already runs from this folder (pid {running}); "
+                f"stop it first with `{stop_hint}`"
+            )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".pid.", dir=self.path.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        os.replace(tmp, self.path)
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(self.path.read_text().split()[0]) == os.getpid():
+                self.path.unlink()
+
+
+def stop_by_pid_file(pid_file: Path, *, what: str, timeout: float = 30.0) -> int | None:
+    """SIGTERM the supervisor named in `pid_file` and wait until it (and so its children,
+    which it stops before exiting) is gone; the pid stopped, or None if none was running."""
+    pid = PidFile(pid_file).pid()
+    if pid is None:
+        return None
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _running(pid):
+            return pid
+        time.sleep(0.1)
+    raise FedmergeError(
+        f"{pid_file}: {what} (pid {pid}) still runs {timeout:g} s after SIGTERM; "
+        f"expected it to stop (kill -KILL {pid} as a last resort)"
+    )
