@@ -326,11 +326,12 @@ def node_report(node_file: Path, runs: int = 5) -> NodeReport:
 
 
 def _ledger_summary(path: Path, per_day: int) -> dict:
-    from client.ledger import DAY_S, ReleaseLedger
+    from client.ledger import DAY_S, ReleaseLedger, spent_epsilon
 
     entries = ReleaseLedger(path).entries() if path.exists() else []
     now = time.time()
     return {
+        "epsilon_spent": spent_epsilon(ReleaseLedger(path), 1e-6) if entries else 0.0,
         "path": str(path),
         "releases": len(entries),
         "runs": len({e.run for e in entries}),
@@ -371,7 +372,9 @@ def report_lines(report: NodeReport) -> list[str]:
         led = report.ledger
         lines.append(
             f"ledger {led['path']}: {led['releases']} releases in {led['runs']} runs, "
-            f"{led['last_24h']} of {led['max_per_day']} in the last 24 h, last {when(led['last'])}"
+            f"{led['last_24h']} of {led['max_per_day']} in the last 24 h, "
+            f"last {when(led['last'])}, privacy spent ε {led.get('epsilon_spent', 0.0):.3g} "
+            "(δ 1e-6)"
         )
     return lines
 
