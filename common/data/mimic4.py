@@ -306,7 +306,7 @@ def _diagnoses(con, paths: dict[str, Path], s: Mimic4Settings) -> None:
 def _collect(con, s: Mimic4Settings) -> pa.Table:
     """One row per kept stay with its rendered sections, ready to cache."""
     stays = duck.rows(con, "SELECT stay_id, hadm_id, label, age, gender, race, insurance "
-                      "FROM kept ORDER BY intime, stay_id", SOURCE)  # fmt: skip
+                      "FROM kept ORDER BY stay_id", SOURCE)  # fmt: skip
     per_stay: dict[int, dict[str, list]] = {
         row[0]: {"chart": [], "meds": [], "procedures": [], "outputs": []} for row in stays
     }

@@ -59,11 +59,9 @@ def render(
         text = f"The mean amounts of medications administered during the episode are :{items}."
         sections.append(Section(name="medications", text=text, numeric=True))
     if procedures:
-        sections.append(
-            Section(name="procedures", text=f"The procedures performed are :{';'.join(procedures)}.")
-        )
+        text = f"The procedures performed are :{';'.join(procedures)}."
+        sections.append(Section(name="procedures", text=text))
     if outputs:
-        sections.append(
-            Section(name="outputs", text=f"The outputs collected are :{';'.join(outputs)}.")
-        )
+        text = f"The outputs collected are :{';'.join(outputs)}."
+        sections.append(Section(name="outputs", text=text))
     return tuple(sections)
