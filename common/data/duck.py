@@ -19,11 +19,13 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-
-import duckdb
+from typing import TYPE_CHECKING
 
 from common.data.tables import open_text
 from common.errors import FedmergeError
+
+if TYPE_CHECKING:  # imported when a table is first read, so a cached cohort never loads DuckDB
+    import duckdb
 
 # Settings a user may need on a shared or small machine; the defaults keep DuckDB well under a
 # 24 GiB machine's memory while leaving room for the model that scores the records afterwards.
@@ -66,15 +68,24 @@ def check_columns(path: Path, columns: Mapping[str, str] | list[str]) -> list[st
     return names
 
 
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 def scan(path: Path, columns: Mapping[str, str]) -> str:
-    """SQL for a relation with exactly `columns` (name → DuckDB type) of the CSV at `path`."""
-    check_columns(path, columns)
-    types = ", ".join(f"'{name}': '{kind}'" for name, kind in columns.items())
+    """SQL for a relation with exactly `columns` (name → DuckDB type) of the CSV at `path`.
+
+    Every column of the header is declared (the needed ones with their type, the rest as
+    text) and DuckDB's sniffer is off: nothing is guessed from a sample, so a value far down a
+    313-million-row file cannot contradict a guess, and unused columns are never converted.
+    """
+    names = check_columns(path, columns)
+    declared = ", ".join(f"{_quote(n)}: {_quote(columns.get(n, 'VARCHAR'))}" for n in names)
     select = ", ".join(f'"{name}"' for name in columns)
-    literal = str(path).replace("'", "''")
     return (
-        f"(SELECT {select} FROM read_csv('{literal}', header = true, delim = ',', "
-        f"quote = '\"', escape = '\"', all_varchar = true, types = {{{types}}}))"
+        f"(SELECT {select} FROM read_csv({_quote(str(path))}, header = true, "
+        f"auto_detect = false, delim = ',', quote = '\"', escape = '\"', "
+        f"columns = {{{declared}}}))"
     )
 
 
@@ -105,6 +116,8 @@ def explain(exc: duckdb.Error, context: str) -> FedmergeError:
 @contextmanager
 def connect(spill: Path | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
     """An in-memory DuckDB with a memory cap, spilling to `spill` when given."""
+    import duckdb
+
     con = duckdb.connect(":memory:")
     try:
         con.execute(f"SET memory_limit = '{os.environ.get(MEMORY_ENV, DEFAULT_MEMORY)}'")
@@ -112,6 +125,7 @@ def connect(spill: Path | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         if threads:
             con.execute(f"SET threads = {int(threads)}")
         con.execute("SET preserve_insertion_order = false")
+        con.execute("SET enable_progress_bar = false")
         if spill is not None:
             spill.mkdir(parents=True, exist_ok=True)
             con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
@@ -122,6 +136,8 @@ def connect(spill: Path | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
 
 def run(con: duckdb.DuckDBPyConnection, sql: str, context: str) -> None:
     """Execute `sql`; any DuckDB failure becomes one FedmergeError."""
+    import duckdb
+
     try:
         con.execute(sql)
     except duckdb.Error as exc:
@@ -129,7 +145,19 @@ def run(con: duckdb.DuckDBPyConnection, sql: str, context: str) -> None:
 
 
 def rows(con: duckdb.DuckDBPyConnection, sql: str, context: str) -> list[tuple]:
+    import duckdb
+
     try:
         return con.execute(sql).fetchall()
+    except duckdb.Error as exc:
+        raise explain(exc, context) from None
+
+
+def arrow(con: duckdb.DuckDBPyConnection, sql: str, context: str):
+    """The result of `sql` as a pyarrow Table."""
+    import duckdb
+
+    try:
+        return con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
         raise explain(exc, context) from None

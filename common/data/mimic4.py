@@ -54,11 +54,11 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.data import cohort_cache, duck, progress
+from common.data import mimic_text as text
 from common.data.icd_map import read_icd_map
-from common.data.mimic_text import Demographics, render
 from common.data.tables import find_table
 from common.errors import FedmergeError
-from common.records import PatientRecord, Section
+from common.records import PatientRecord
 
 ADULT_AGE = 18
 SOURCE = "mimic4"
@@ -198,16 +198,15 @@ def _build(con, paths: dict[str, Path], s: Mimic4Settings) -> pa.Table:
             SELECT n.itemid, n.valueuom FROM n JOIN t USING (itemid)
             WHERE t.kinds = 1 OR t.top <= {s.unit_share} * t.total OR n.rows = t.top""",
                  SOURCE)  # fmt: skip
-        duck.run(con, """CREATE TEMP TABLE chart_kept AS
-            SELECT c.* FROM chart c SEMI JOIN units u
-            ON u.itemid = c.itemid AND u.valueuom = c.valueuom""", SOURCE)  # fmt: skip
         duck.run(con, f"""CREATE TEMP TABLE chart_means AS
-            WITH bounds AS (SELECT itemid, quantile_cont(valuenum, {s.outlier / 100}) AS hi,
+            WITH kept_units AS (SELECT c.* FROM chart c SEMI JOIN units u
+                                ON u.itemid = c.itemid AND u.valueuom = c.valueuom),
+                 bounds AS (SELECT itemid, quantile_cont(valuenum, {s.outlier / 100}) AS hi,
                                    quantile_cont(valuenum, {s.outlier_low / 100}) AS lo
-                            FROM chart_kept GROUP BY itemid),
+                            FROM kept_units GROUP BY itemid),
                  timed AS (SELECT c.stay_id, c.itemid, c.valuenum, k.los_hours,
                                   {_hour('c.charttime', 'k.intime')} AS h
-                           FROM chart_kept c JOIN kept k USING (stay_id)),
+                           FROM kept_units c JOIN kept k USING (stay_id)),
                  buckets AS (SELECT t.stay_id, t.itemid, floor(t.h / {s.bucket}) AS b,
                                     avg(t.valuenum) AS mean
                              FROM timed t JOIN bounds USING (itemid)
@@ -215,7 +214,7 @@ def _build(con, paths: dict[str, Path], s: Mimic4Settings) -> pa.Table:
                              GROUP BY ALL)
             SELECT stay_id, itemid, avg(mean) AS value FROM buckets GROUP BY ALL""",
                  SOURCE)  # fmt: skip
-        duck.run(con, "DROP TABLE chart; DROP TABLE chart_kept", SOURCE)
+        duck.run(con, "DROP TABLE chart", SOURCE)
 
     with progress.step(SOURCE, "medications, procedures, outputs"):
         duck.run(con, f"""CREATE TEMP TABLE med_means AS
@@ -304,57 +303,47 @@ def _diagnoses(con, paths: dict[str, Path], s: Mimic4Settings) -> None:
 
 
 def _collect(con, s: Mimic4Settings) -> pa.Table:
-    """One row per kept stay with its rendered sections, ready to cache."""
-    stays = duck.rows(con, "SELECT stay_id, hadm_id, label, age, gender, race, insurance "
-                      "FROM kept ORDER BY stay_id", SOURCE)  # fmt: skip
-    per_stay: dict[int, dict[str, list]] = {
-        row[0]: {"chart": [], "meds": [], "procedures": [], "outputs": []} for row in stays
-    }
-    for key, table, value in (("chart", "chart_means", "value"), ("meds", "med_means", "value"),
-                              ("procedures", "procedures", "NULL"), ("outputs", "outputs", "NULL")):
-        for stay_id, label, number in duck.rows(
-            con, f"SELECT t.stay_id, i.label, {value} FROM {table} t JOIN items i USING (itemid) "
-            "ORDER BY t.stay_id, t.itemid", SOURCE
-        ):  # fmt: skip
-            label = " ".join(str(label or "").split())
-            per_stay[stay_id][key].append((label, number) if number is not None else label)
-    titles: dict[int, list[str]] = {}
-    for hadm_id, title in duck.rows(con, "SELECT hadm_id, title FROM diagnoses "
-                                    "ORDER BY hadm_id, first, title", SOURCE):  # fmt: skip
-        titles.setdefault(hadm_id, []).append(" ".join(str(title).split()))
-    columns: dict[str, list] = {"stay_id": [], "label": [], "names": [], "texts": [],
-                                "numeric": []}  # fmt: skip
-    for stay_id, hadm_id, label, age, gender, race, insurance in stays:
-        parts = per_stay[stay_id]
-        demographics = None
-        if s.demographics:
-            demographics = Demographics(" ".join((race or "").split()), (gender or "").strip(),
-                                        int(age), " ".join((insurance or "").split()))
-        sections = render(
-            diagnoses=list(dict.fromkeys(titles.get(hadm_id, []))),
-            chart=parts["chart"], medications=parts["meds"],
-            procedures=parts["procedures"], outputs=parts["outputs"], demographics=demographics,
-        )  # fmt: skip
-        columns["stay_id"].append(str(stay_id))
-        columns["label"].append(int(label))
-        columns["names"].append([x.name for x in sections])
-        columns["texts"].append([x.text for x in sections])
-        columns["numeric"].append([x.numeric for x in sections])
-    return pa.table(columns)
+    """One row per kept stay with its rendered sentences, ready to cache (all in DuckDB)."""
+    label = text.sql_words("i.label")
+    diagnoses = "d.titles"
+    first_section = (text.sql_demographics("k.race", "k.gender", "k.age", "k.insurance",
+                                           diagnoses) if s.demographics  # fmt: skip
+                     else f"'The patient is diagnosed with ' || {diagnoses} || '.'")
+    sql = f"""
+        WITH chart AS (SELECT t.stay_id, {text.sql_sentence(text.CHART_HEADER,
+                 f"{text.sql_mean('t.value')} || ' for ' || {label}", 't.itemid')} AS sentence
+               FROM chart_means t JOIN items i USING (itemid) GROUP BY t.stay_id),
+             meds AS (SELECT t.stay_id, {text.sql_sentence(text.MEDS_HEADER,
+                 f"{text.sql_mean('t.value')} || ' of ' || {label}", 't.itemid')} AS sentence
+               FROM med_means t JOIN items i USING (itemid) GROUP BY t.stay_id),
+             procs AS (SELECT t.stay_id, {text.sql_sentence(text.PROCEDURES_HEADER, label,
+                 't.itemid')} AS sentence
+               FROM procedures t JOIN items i USING (itemid) GROUP BY t.stay_id),
+             outs AS (SELECT t.stay_id, {text.sql_sentence(text.OUTPUTS_HEADER, label,
+                 't.itemid')} AS sentence
+               FROM outputs t JOIN items i USING (itemid) GROUP BY t.stay_id),
+             titled AS (SELECT hadm_id, {text.sql_words('title')} AS title, min(first) AS first
+               FROM diagnoses GROUP BY ALL),
+             d AS (SELECT hadm_id, string_agg(title, ';' ORDER BY first, title) AS titles
+               FROM titled GROUP BY hadm_id)
+        SELECT CAST(k.stay_id AS VARCHAR) AS stay_id, CAST(k.label AS TINYINT) AS label,
+               {first_section} AS diagnoses, chart.sentence AS chart_events,
+               meds.sentence AS medications, procs.sentence AS procedures,
+               outs.sentence AS outputs
+        FROM kept k LEFT JOIN d ON d.hadm_id = k.hadm_id
+        LEFT JOIN chart USING (stay_id) LEFT JOIN meds USING (stay_id)
+        LEFT JOIN procs USING (stay_id) LEFT JOIN outs USING (stay_id)
+        ORDER BY k.stay_id"""
+    return duck.arrow(con, sql, SOURCE)
 
 
 def records_from_table(table: pa.Table, site: str | None) -> list[PatientRecord]:
-    """PatientRecords from a cohort table (fresh or cached)."""
+    """PatientRecords from a cohort table (fresh or cached): one column per section."""
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
     records = []
-    for stay_id, label, names, texts, numeric in zip(
-        *(table.column(c).to_pylist() for c in ("stay_id", "label", "names", "texts", "numeric")),
-        strict=True,
-    ):
-        sections = tuple(
-            Section(name=n, text=t, numeric=bool(k))
-            for n, t, k in zip(names, texts, numeric, strict=True)
-        )
-        records.append(PatientRecord(stay_id=stay_id, site_id=site, label=label,
+    for index, stay_id in enumerate(columns["stay_id"]):
+        sections = text.sections_from_texts({n: columns[n][index] for n in text.SECTION_NAMES})
+        records.append(PatientRecord(stay_id=stay_id, site_id=site, label=columns["label"][index],
                                      text=" ".join(x.text for x in sections),
                                      sections=sections))  # fmt: skip
     return records

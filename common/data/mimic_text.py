@@ -15,6 +15,12 @@ from typing import NamedTuple
 from common.records import Section
 
 GENDERS = {"M": "male", "F": "female"}
+SECTION_NAMES = ("diagnoses", "chart_events", "medications", "procedures", "outputs")
+NUMERIC = frozenset({"chart_events", "medications"})
+CHART_HEADER = "The chart events mesured are :"
+MEDS_HEADER = "The mean amounts of medications administered during the episode are :"
+PROCEDURES_HEADER = "The procedures performed are :"
+OUTPUTS_HEADER = "The outputs collected are :"
 
 
 class Demographics(NamedTuple):
@@ -52,16 +58,56 @@ def render(
         sections.append(Section(name="diagnoses", text=text))
     if chart:
         items = ";".join(f"{format_mean(mean)} for {label}" for label, mean in chart)
-        text = f"The chart events mesured are :{items}."
+        text = f"{CHART_HEADER}{items}."
         sections.append(Section(name="chart_events", text=text, numeric=True))
     if medications:
         items = ";".join(f"{format_mean(mean)} of {label}" for label, mean in medications)
-        text = f"The mean amounts of medications administered during the episode are :{items}."
+        text = f"{MEDS_HEADER}{items}."
         sections.append(Section(name="medications", text=text, numeric=True))
     if procedures:
-        text = f"The procedures performed are :{';'.join(procedures)}."
+        text = f"{PROCEDURES_HEADER}{';'.join(procedures)}."
         sections.append(Section(name="procedures", text=text))
     if outputs:
-        text = f"The outputs collected are :{';'.join(outputs)}."
+        text = f"{OUTPUTS_HEADER}{';'.join(outputs)}."
         sections.append(Section(name="outputs", text=text))
     return tuple(sections)
+
+
+def sections_from_texts(texts: dict[str, str | None]) -> tuple[Section, ...]:
+    """Sections from already rendered sentences (SQL-rendered or cached); None = absent."""
+    return tuple(
+        Section(name=name, text=texts[name], numeric=name in NUMERIC)
+        for name in SECTION_NAMES
+        if texts.get(name)
+    )
+
+
+# The same sentences rendered inside DuckDB, so a cohort of tens of thousands of stays is never
+# walked item by item in Python. Each function returns a SQL expression.
+
+
+def sql_mean(value: str) -> str:
+    """`format_mean` in SQL: three decimals, trailing zeros and a bare point dropped."""
+    text = f"rtrim(rtrim(printf('%.3f', {value}), '0'), '.')"
+    return f"(CASE WHEN {text} = '-0' THEN '0' ELSE {text} END)"
+
+
+def sql_words(value: str) -> str:
+    """Whitespace runs collapsed to one space, ends trimmed (Python's `' '.join(s.split())`)."""
+    return f"trim(regexp_replace(coalesce({value}, ''), '\\s+', ' ', 'g'))"
+
+
+def sql_sentence(header: str, items: str, order: str) -> str:
+    """An aggregate: `header` + items joined by ';' in `order` + '.'."""
+    quoted = header.replace("'", "''")
+    return f"'{quoted}' || string_agg({items}, ';' ORDER BY {order}) || '.'"
+
+
+def sql_demographics(race: str, gender: str, age: str, insurance: str, diagnoses: str) -> str:
+    """The demographic diagnoses sentence of `render(..., demographics=...)`."""
+    word = f"(CASE {gender} WHEN 'M' THEN 'male' WHEN 'F' THEN 'female' ELSE {gender} END)"
+    who = f"concat_ws(' ', nullif({sql_words(race)}, ''), nullif({sql_words(word)}, ''))"
+    head = (f"'The patient ' || {who} || ', ' || CAST({age} AS VARCHAR) || "
+            f"' years old, covered by ' || {sql_words(insurance)}")  # fmt: skip
+    return (f"({head} || CASE WHEN {diagnoses} IS NULL THEN '.' "
+            f"ELSE ' was diagnosed with ' || {diagnoses} || '.' END)")  # fmt: skip
