@@ -60,6 +60,8 @@ from common.data.tables import find_table
 from common.errors import FedmergeError
 from common.records import PatientRecord
 
+records_from_table = text.records_from_table
+
 ADULT_AGE = 18
 SOURCE = "mimic4"
 
@@ -335,18 +337,6 @@ def _collect(con, s: Mimic4Settings) -> pa.Table:
         LEFT JOIN procs USING (stay_id) LEFT JOIN outs USING (stay_id)
         ORDER BY k.stay_id"""
     return duck.arrow(con, sql, SOURCE)
-
-
-def records_from_table(table: pa.Table, site: str | None) -> list[PatientRecord]:
-    """PatientRecords from a cohort table (fresh or cached): one column per section."""
-    columns = {name: table.column(name).to_pylist() for name in table.column_names}
-    records = []
-    for index, stay_id in enumerate(columns["stay_id"]):
-        sections = text.sections_from_texts({n: columns[n][index] for n in text.SECTION_NAMES})
-        records.append(PatientRecord(stay_id=stay_id, site_id=site, label=columns["label"][index],
-                                     text=" ".join(x.text for x in sections),
-                                     sections=sections))  # fmt: skip
-    return records
 
 
 def load_mimic4(

@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from common.records import Section
+import pyarrow as pa
+
+from common.records import PatientRecord, Section
 
 GENDERS = {"M": "male", "F": "female"}
 SECTION_NAMES = ("diagnoses", "chart_events", "medications", "procedures", "outputs")
@@ -80,6 +82,19 @@ def sections_from_texts(texts: dict[str, str | None]) -> tuple[Section, ...]:
         for name in SECTION_NAMES
         if texts.get(name)
     )
+
+
+def records_from_table(table: pa.Table, site: str | None) -> list[PatientRecord]:
+    """PatientRecords from a cohort table (fresh or cached): `stay_id`, `label` and one text
+    column per section name (null where the stay has none)."""
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    records = []
+    for index, stay_id in enumerate(columns["stay_id"]):
+        sections = sections_from_texts({n: columns[n][index] for n in SECTION_NAMES})
+        records.append(PatientRecord(stay_id=stay_id, site_id=site, label=columns["label"][index],
+                                     text=" ".join(x.text for x in sections),
+                                     sections=sections))  # fmt: skip
+    return records
 
 
 # The same sentences rendered inside DuckDB, so a cohort of tens of thousands of stays is never
