@@ -187,6 +187,7 @@ def test_all_tables_gzipped(tmp_path):
 
 
 def test_second_load_comes_from_the_cache(mimic_copy, monkeypatch):
+    monkeypatch.delenv("FEDMERGE_CACHE_DIR")  # the default: next to the export
     first = load_records(f"mimic4:{mimic_copy}")
     cached = list((mimic_copy / ".fedmerge-cache").glob("mimic4-*.parquet"))
     assert len(cached) == 1
@@ -196,10 +197,11 @@ def test_second_load_comes_from_the_cache(mimic_copy, monkeypatch):
     def no_engine(*args, **kwargs):
         raise AssertionError("the cached cohort must not be rebuilt")
 
+    build = mimic4._build
     monkeypatch.setattr(mimic4, "_build", no_engine)
     assert load_records(f"mimic4:{mimic_copy}") == first
     # A changed export or a changed setting is a different key: rebuilt, not served stale.
-    monkeypatch.undo()
+    monkeypatch.setattr(mimic4, "_build", build)
     table = mimic_copy / "icu/outputevents.csv"
     table.write_text(table.read_text().replace("Foley", "Foley", 1))
     os.utime(table, ns=(1, 1))
@@ -209,6 +211,7 @@ def test_second_load_comes_from_the_cache(mimic_copy, monkeypatch):
 
 
 def test_cache_location_options(mimic_copy, tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDMERGE_CACHE_DIR")
     load_records(f"mimic4:{mimic_copy}?cache=off")
     assert not (mimic_copy / ".fedmerge-cache").exists()
     load_records(f"mimic4:{mimic_copy}?cache={tmp_path / 'mine'}")

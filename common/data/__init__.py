@@ -5,7 +5,7 @@
 `jsonl:PATH`, `csv:PATH`,
 `mimic4:DIR[?hours=48&bucket=2&pred_window=0&outlier=98&outlier_low=0&icd_map=PATH`
 `&demographics=1&site=NAME&cache=DIR|off&engine=duckdb|python]`,
-`eicu:DIR[?site=region|hospital&hours=24&cache=DIR|off&engine=duckdb|python]`,
+`eicu:DIR[?site=region|hospital&hours=24&cache=DIR|off]`,
 `meds:DIR[?labels=TASK&site=NAME&hours=48&cache=DIR|off]` (Medical Event Data Standard),
 `synthetic:ARGS` (the built-in synthetic cohort).
 """
@@ -46,7 +46,8 @@ def _load(spec: DataSpec) -> list[PatientRecord]:
         from common.data.eicu import load_eicu
 
         return load_eicu(
-            spec.path, site=spec.option("site", "region"), hours=spec.float_option("hours", 24.0)
+            spec.path, site=spec.option("site", "region"), hours=spec.float_option("hours", 24.0),
+            cache=spec.options.get("cache"),
         )
     return _synthetic(spec.location)
 

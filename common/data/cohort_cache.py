@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.errors import FedmergeError
+from common.records import PatientRecord, Section
 
 CACHE_ENV = "FEDMERGE_CACHE_DIR"
 EDGE_BYTES = 1 << 20
@@ -105,3 +106,27 @@ def write_cached(directory: Path | None, key: str, table: pa.Table) -> Path | No
             "writable directory or cache=off"
         ) from None
     return directory / f"{key}.parquet"
+
+
+def records_to_table(records: list[PatientRecord]) -> pa.Table:
+    """Any loader's records as a cacheable table (sections as parallel lists)."""
+    return pa.table({
+        "stay_id": [r.stay_id for r in records],
+        "site_id": pa.array([r.site_id for r in records], pa.string()),
+        "label": pa.array([r.label for r in records], pa.int8()),
+        "names": [[s.name for s in r.sections] for r in records],
+        "texts": [[s.text for s in r.sections] for r in records],
+        "numeric": [[s.numeric for s in r.sections] for r in records],
+    })  # fmt: skip
+
+
+def table_to_records(table: pa.Table) -> list[PatientRecord]:
+    columns = [table.column(c).to_pylist()
+               for c in ("stay_id", "site_id", "label", "names", "texts", "numeric")]  # fmt: skip
+    records = []
+    for stay_id, site_id, label, names, texts, numeric in zip(*columns, strict=True):
+        sections = tuple(Section(name=n, text=t, numeric=k)
+                         for n, t, k in zip(names, texts, numeric, strict=True))  # fmt: skip
+        records.append(PatientRecord(stay_id=stay_id, site_id=site_id, label=label,
+                                     text=" ".join(t for t in texts), sections=sections))
+    return records
