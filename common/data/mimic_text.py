@@ -87,11 +87,19 @@ def sections_from_texts(texts: dict[str, str | None]) -> tuple[Section, ...]:
 def records_from_table(table: pa.Table, site: str | None) -> list[PatientRecord]:
     """PatientRecords from a cohort table (fresh or cached): `stay_id`, `label` and one text
     column per section name (null where the stay has none)."""
-    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    names = [name for name in SECTION_NAMES if name in table.column_names]
+    texts = [table.column(name).to_pylist() for name in names]
+    numeric = [name in NUMERIC for name in names]
     records = []
-    for index, stay_id in enumerate(columns["stay_id"]):
-        sections = sections_from_texts({n: columns[n][index] for n in SECTION_NAMES})
-        records.append(PatientRecord(stay_id=stay_id, site_id=site, label=columns["label"][index],
+    for stay_id, label, *parts in zip(table.column("stay_id").to_pylist(),
+                                      table.column("label").to_pylist(), *texts,
+                                      strict=True):  # fmt: skip
+        sections = tuple(
+            Section(name=name, text=part, numeric=flag)
+            for name, part, flag in zip(names, parts, numeric, strict=True)
+            if part
+        )
+        records.append(PatientRecord(stay_id=stay_id, site_id=site, label=label,
                                      text=" ".join(x.text for x in sections),
                                      sections=sections))  # fmt: skip
     return records
