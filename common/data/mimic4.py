@@ -3,7 +3,10 @@
 PatientDx tuned and scored on the HF dataset thbndi/Mimic4Dataset, which the healthylaife
 MIMIC-IV-Data-Pipeline builds with its mortality settings. This loader reimplements the
 pipeline's rules (no code copied) so that the same export yields the same stays, labels and
-sentences; where the pipeline's code and the dataset card disagree, the code is followed.
+sentences. Where the pipeline's code and the dataset card disagree, the code is followed: the
+card speaks of adult stays and of the first 48 hours; the code takes adults by `anchor_age`
+(not the age at the stay, also in the demographic sentence), keeps only stays that last the
+whole window, and removes outliers on both sides (`outlier_low`, 0 by default), as below.
 
 Cohort (`preprocessing/day_intervals_preproc/day_intervals_cohort.py`, `get_visit_pts` and
 `partition_by_mort`): ICU stays joined to `patients` and, inner, to `admissions` (a stay whose
