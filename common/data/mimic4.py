@@ -258,7 +258,8 @@ def _build(con, paths: dict[str, Path], s: Mimic4Settings) -> pa.Table:
               FROM {out_scan} o JOIN kept k USING (stay_id) WHERE {every_column})
             WHERE {in_window}""", str(out_path))  # fmt: skip
 
-    duck.run(con, f"CREATE TEMP TABLE items AS SELECT itemid, any_value(label) AS label "
+    duck.run(con, f"CREATE TEMP TABLE items AS SELECT itemid, "
+             f"{text.sql_words('any_value(label)')} AS label "
              f"FROM {scan('icu/d_items')} GROUP BY itemid", str(paths["icu/d_items"]))  # fmt: skip
     for table, source in (("chart_means", "icu/chartevents"), ("med_means", "icu/inputevents"),
                           ("procedures", "icu/procedureevents"), ("outputs", "icu/outputevents")):
@@ -312,24 +313,27 @@ def _diagnoses(con, paths: dict[str, Path], s: Mimic4Settings) -> None:
 
 def _collect(con, s: Mimic4Settings) -> pa.Table:
     """One row per kept stay with its rendered sentences, ready to cache (all in DuckDB)."""
-    label = text.sql_words("i.label")
     diagnoses = "d.titles"
     first_section = (text.sql_demographics("k.race", "k.gender", "k.age", "k.insurance",
                                            diagnoses) if s.demographics  # fmt: skip
                      else f"'The patient is diagnosed with ' || {diagnoses} || '.'")
+
+    def numeric(table: str, header: str, joiner: str) -> str:
+        # Each mean is printed once (a subquery column), then its '-0' fixed.
+        item = f"{text.sql_zero('m')} || '{joiner}' || label"
+        return f"""SELECT stay_id, {text.sql_sentence(header, item, 'itemid')} AS sentence
+            FROM (SELECT t.stay_id, t.itemid, {text.sql_printed('t.value')} AS m, i.label
+                  FROM {table} t JOIN items i USING (itemid)) GROUP BY stay_id"""
+
+    def listed(table: str, header: str) -> str:
+        return f"""SELECT t.stay_id, {text.sql_sentence(header, 'i.label', 't.itemid')} AS sentence
+            FROM {table} t JOIN items i USING (itemid) GROUP BY t.stay_id"""
+
     sql = f"""
-        WITH chart AS (SELECT t.stay_id, {text.sql_sentence(text.CHART_HEADER,
-                 f"{text.sql_mean('t.value')} || ' for ' || {label}", 't.itemid')} AS sentence
-               FROM chart_means t JOIN items i USING (itemid) GROUP BY t.stay_id),
-             meds AS (SELECT t.stay_id, {text.sql_sentence(text.MEDS_HEADER,
-                 f"{text.sql_mean('t.value')} || ' of ' || {label}", 't.itemid')} AS sentence
-               FROM med_means t JOIN items i USING (itemid) GROUP BY t.stay_id),
-             procs AS (SELECT t.stay_id, {text.sql_sentence(text.PROCEDURES_HEADER, label,
-                 't.itemid')} AS sentence
-               FROM procedures t JOIN items i USING (itemid) GROUP BY t.stay_id),
-             outs AS (SELECT t.stay_id, {text.sql_sentence(text.OUTPUTS_HEADER, label,
-                 't.itemid')} AS sentence
-               FROM outputs t JOIN items i USING (itemid) GROUP BY t.stay_id),
+        WITH chart AS ({numeric('chart_means', text.CHART_HEADER, ' for ')}),
+             meds AS ({numeric('med_means', text.MEDS_HEADER, ' of ')}),
+             procs AS ({listed('procedures', text.PROCEDURES_HEADER)}),
+             outs AS ({listed('outputs', text.OUTPUTS_HEADER)}),
              titled AS (SELECT hadm_id, {text.sql_words('title')} AS title, min(first) AS first
                FROM diagnoses GROUP BY ALL),
              d AS (SELECT hadm_id, string_agg(title, ';' ORDER BY first, title) AS titles

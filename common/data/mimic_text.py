@@ -109,10 +109,19 @@ def records_from_table(table: pa.Table, site: str | None) -> list[PatientRecord]
 # walked item by item in Python. Each function returns a SQL expression.
 
 
+def sql_printed(value: str) -> str:
+    """`value` with three decimals, trailing zeros and a bare point dropped ('-0' possible)."""
+    return f"rtrim(rtrim(printf('%.3f', {value}), '0'), '.')"
+
+
+def sql_zero(printed: str) -> str:
+    """`sql_printed`'s '-0' (a tiny negative mean) as '0', as `format_mean` writes it."""
+    return f"(CASE WHEN {printed} = '-0' THEN '0' ELSE {printed} END)"
+
+
 def sql_mean(value: str) -> str:
     """`format_mean` in SQL: three decimals, trailing zeros and a bare point dropped."""
-    text = f"rtrim(rtrim(printf('%.3f', {value}), '0'), '.')"
-    return f"(CASE WHEN {text} = '-0' THEN '0' ELSE {text} END)"
+    return sql_zero(sql_printed(value))
 
 
 def sql_words(value: str) -> str:
