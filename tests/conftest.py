@@ -17,6 +17,21 @@ import pytest  # noqa: E402
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 EICU_DEMO = SHARED / "data" / "eicu-demo"
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cohort_cache_outside_the_data(tmp_path_factory):
+    """Loaders cache cohorts next to the export by default; tests must not write into shared
+    data (the eICU demo), so their default cache lives in a session temporary directory."""
+    previous = os.environ.get("FEDMERGE_CACHE_DIR")
+    os.environ["FEDMERGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cohort-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("FEDMERGE_CACHE_DIR", None)
+    else:
+        os.environ["FEDMERGE_CACHE_DIR"] = previous
+
+
 # A few sentences in the shape of patient text, so the word-level vocabulary covers it.
 TOKENIZER_CORPUS = [
     "The patient is diagnosed with sepsis ; acute kidney failure ; pneumonia ; heart failure .",

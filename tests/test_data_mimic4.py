@@ -1,7 +1,13 @@
-"""MIMIC-IV loader on a hand-built export in MIMIC-IV 2.2's own table and column names."""
+"""MIMIC-IV loader on a hand-built export in MIMIC-IV 2.2's own table and column names.
+
+`EXPECTED` (tests/mimic4_fixture.py) is derived by hand from the healthylaife pipeline's rules;
+`PREVIOUS` is the previous loader's output (kept as `engine=python`). Each difference between
+the two is one rule, tested on its own below.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -9,6 +15,8 @@ import pytest
 from mimic4_fixture import (
     COLUMNS,
     EXPECTED,
+    ICD_MAP,
+    PREVIOUS,
     ROWS,
     S1_DIAGNOSES,
     S1_NUMERIC,
@@ -28,16 +36,115 @@ def mimic_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def mimic_copy(mimic_dir, tmp_path) -> Path:
     """A private copy a test may damage."""
-    return Path(shutil.copytree(mimic_dir, tmp_path / "mimic4"))
+    copy = Path(shutil.copytree(mimic_dir, tmp_path / "mimic4"))
+    shutil.rmtree(copy / ".fedmerge-cache", ignore_errors=True)
+    return copy
 
 
-def test_adult_stays_labels_and_texts(mimic_dir):
+def texts(spec: str) -> dict[str, tuple[int, str]]:
+    return {r.stay_id: (r.label, r.text) for r in load_records(spec)}
+
+
+def test_pipeline_cohort_labels_and_texts(mimic_dir):
     records = load_records(f"mimic4:{mimic_dir}")
-    # 30003 is a child; 30005 turns 18 by the stay year (anchor_age 17 in 2100, stay in 2101).
-    assert [r.stay_id for r in records] == ["30001", "30002", "30004", "30005"]
+    assert [r.stay_id for r in records] == ["30001", "30002", "30004"]
     for record in records:
         assert (record.label, record.text) == EXPECTED[record.stay_id], record.stay_id
         assert record.site_id is None
+
+
+def test_previous_loader_is_kept_as_the_python_engine(mimic_dir):
+    assert texts(f"mimic4:{mimic_dir}?engine=python") == PREVIOUS
+
+
+def test_every_difference_from_the_previous_loader_is_a_pipeline_rule(mimic_dir):
+    new, old = texts(f"mimic4:{mimic_dir}"), PREVIOUS
+    # Dropped stays: 30005 (anchor_age 17), 30006 (47.5 h), 30007 (no admissions row).
+    assert set(old) - set(new) == {"30005", "30006", "30007"}
+    assert set(new) <= set(old)
+    # Changed texts: 30001 (ICD roots, outliers, medication filters), 30002 (2-hour buckets).
+    assert {s for s in new if new[s] != old[s]} == {"30001", "30002"}
+    assert all(new[s][0] == old[s][0] for s in new)  # the label rule is unchanged
+
+
+def test_adult_by_anchor_age_not_by_stay_year(mimic_dir):
+    # 30005's anchor_age is 17 in 2100; the previous loader aged it to 18 for its 2101 stay.
+    assert "30005" in PREVIOUS and "30005" not in texts(f"mimic4:{mimic_dir}?hours=2")
+
+
+def test_stays_shorter_than_window_plus_prediction_window_are_dropped(mimic_dir):
+    assert "30006" not in texts(f"mimic4:{mimic_dir}")  # 47 whole hours < 48
+    assert texts(f"mimic4:{mimic_dir}?hours=24")["30006"] == PREVIOUS["30006"]
+    # 30002 and 30004 last exactly 48 h: a 1-hour prediction window drops them too.
+    assert set(texts(f"mimic4:{mimic_dir}?pred_window=1")) == {"30001"}
+
+
+def test_stay_without_admission_row_is_dropped(mimic_dir):
+    assert "30007" in PREVIOUS and "30007" not in texts(f"mimic4:{mimic_dir}?hours=24")
+
+
+def test_chart_outliers_removed_at_the_98th_percentile(mimic_dir):
+    kept = texts(f"mimic4:{mimic_dir}?outlier=100")["30001"][1]
+    # With nothing removed: heart-rate buckets 100 | 1000 | 110, temperatures 98.6 and 99.1.
+    assert "403.333 for Heart Rate;98.85 for Temperature Fahrenheit" in kept
+    assert "105 for Heart Rate;98.6 for Temperature Fahrenheit" in EXPECTED["30001"][1]
+    low = texts(f"mimic4:{mimic_dir}?outlier_low=50")["30002"][1]
+    assert "Heart Rate" not in low  # 1 and 2 are below the median heart rate of the cohort
+
+
+def test_means_are_over_time_buckets(mimic_dir):
+    # 30002's heart rates 1 (hour 1) | 2, 2 (hours 2, 3): buckets of 2 h give (1 + 2) / 2.
+    assert "1.5 for Heart Rate" in EXPECTED["30002"][1]
+    assert "1.667 for Heart Rate" in texts(f"mimic4:{mimic_dir}?bucket=1")["30002"][1]
+    with pytest.raises(FedmergeError, match=r"hours=3 is not a multiple of bucket=2"):
+        load_records(f"mimic4:{mimic_dir}?hours=3")
+
+
+def test_medications_need_a_rate_and_a_later_end_hour(mimic_dir):
+    # The 10 mg bolus has no rate; the 500 mg of saline starts and ends in hour 6.
+    assert "5.333 of Norepinephrine;500 of NaCl 0.9%" in PREVIOUS["30001"][1]
+    assert "are :3 of Norepinephrine." in EXPECTED["30001"][1]
+
+
+def test_icd10_grouped_to_three_character_roots(mimic_dir):
+    # A419 and A410 share the root A41 (titled once), N179 becomes N17.
+    assert EXPECTED["30001"][1].startswith(f"The patient is diagnosed with {S1_DIAGNOSES}.")
+    assert S1_DIAGNOSES == "Other sepsis;Acute kidney failure"
+
+
+def test_icd9_converted_with_the_users_mapping_file(mimic_copy, tmp_path):
+    mapping = tmp_path / "ICD9_to_ICD10_mapping.txt"
+    mapping.write_text(ICD_MAP)
+    rows = ROWS["hosp/diagnoses_icd"] + [
+        dict(subject_id="10002", hadm_id="20002", seq_num="2", icd_code="9999", icd_version="9")
+    ]
+    write_table(mimic_copy / "hosp/diagnoses_icd.csv", COLUMNS["hosp/diagnoses_icd"].split(), rows)
+    plain = texts(f"mimic4:{mimic_copy}?cache=off")["30002"][1]
+    assert plain.startswith("The patient is diagnosed with Congestive heart failure, "
+                            "unspecified;ICD-9 9999.")  # fmt: skip
+    mapped = texts(f"mimic4:{mimic_copy}?cache=off&icd_map={mapping}")["30002"][1]
+    # 4280 → root 428 → I509 → I50; 9999 has no mapping and is dropped, as in the pipeline.
+    assert mapped.startswith("The patient is diagnosed with Heart failure. The chart events")
+    mapping.write_text("code\tten\n428\tI509\n")
+    with pytest.raises(FedmergeError, match=r"mapping\.txt: missing column 'diagnosis_code'"):
+        load_records(f"mimic4:{mimic_copy}?cache=off&icd_map={mapping}")
+
+
+def test_rows_in_a_minority_unit_are_dropped(mimic_copy):
+    extra = [dict(ROWS["icu/chartevents"][0], stay_id="30004", hadm_id="20004",
+                  charttime="2140-05-10 15:00:00", itemid="223761", valuenum="98",
+                  valueuom="°F") for _ in range(20)]  # fmt: skip
+    # Twenty identical rows count once (the pipeline drops duplicates): vary the minutes.
+    for minute, row in enumerate(extra):
+        row["charttime"] = f"2140-05-10 15:{minute:02d}:00"
+    celsius = dict(extra[0], charttime="2140-05-10 15:30:00", valuenum="37", valueuom="°C")
+    write_table(mimic_copy / "icu/chartevents.csv.gz", COLUMNS["icu/chartevents"].split(),
+                ROWS["icu/chartevents"] + extra + [celsius])  # fmt: skip
+    text = texts(f"mimic4:{mimic_copy}?cache=off")["30004"][1]
+    assert text.startswith("The chart events mesured are :98 for Temperature Fahrenheit.")
+    share = texts(f"mimic4:{mimic_copy}?cache=off&outlier=100")["30004"][1]
+    # With the Celsius row the bucket mean would be (20 * 98 + 37) / 21.
+    assert share.startswith("The chart events mesured are :98 for Temperature")
 
 
 def test_label_follows_pipeline_date_rule(mimic_dir):
@@ -48,10 +155,10 @@ def test_label_follows_pipeline_date_rule(mimic_dir):
 
 
 def test_window_excludes_events_outside_first_48_hours(mimic_dir):
-    text = {r.stay_id: r.text for r in load_records(f"mimic4:{mimic_dir}")}["30001"]
-    # Heart rates 900 (before intime) and 500 (hour 49) would move the mean off 105.
-    assert "105 for Heart Rate" in text
-    assert "NaCl" not in text  # saline starts at hour 60
+    text = texts(f"mimic4:{mimic_dir}?outlier=100")["30001"][1]
+    # Heart rates 900 (before intime) and 500 (hour 49) would move the bucket mean off 403.333.
+    assert "403.333 for Heart Rate" in text
+    assert "NaCl" not in text  # the remaining saline starts at hour 60
 
 
 def test_hard_variant_keeps_numeric_sections(mimic_dir):
@@ -63,8 +170,7 @@ def test_hard_variant_keeps_numeric_sections(mimic_dir):
 
 def test_demographics_prefix_and_options(mimic_dir):
     records = load_records(f"mimic4:{mimic_dir}?demographics=1&site=bidmc")
-    first = records[0]
-    assert first.text.startswith(
+    assert records[0].text.startswith(
         f"The patient WHITE female, 70 years old, covered by Medicare was diagnosed with "
         f"{S1_DIAGNOSES}. The chart events"
     )
@@ -76,8 +182,51 @@ def test_demographics_prefix_and_options(mimic_dir):
 def test_all_tables_gzipped(tmp_path):
     root = write_mimic4(tmp_path / "gz", gzipped=tuple(COLUMNS))
     assert not list(root.rglob("*.csv"))
-    records = load_records(f"mimic4:{root}")
-    assert {r.stay_id: (r.label, r.text) for r in records} == EXPECTED
+    assert texts(f"mimic4:{root}") == EXPECTED
+    assert texts(f"mimic4:{root}?engine=python") == PREVIOUS
+
+
+def test_second_load_comes_from_the_cache(mimic_copy, monkeypatch):
+    monkeypatch.delenv("FEDMERGE_CACHE_DIR")  # the default: next to the export
+    first = load_records(f"mimic4:{mimic_copy}")
+    cached = list((mimic_copy / ".fedmerge-cache").glob("mimic4-*.parquet"))
+    assert len(cached) == 1
+    assert not [p for p in (mimic_copy / ".fedmerge-cache").iterdir() if p.suffix == ".tmp"]
+    import common.data.mimic4 as mimic4
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the cached cohort must not be rebuilt")
+
+    build = mimic4._build
+    monkeypatch.setattr(mimic4, "_build", no_engine)
+    assert load_records(f"mimic4:{mimic_copy}") == first
+    # A changed export or a changed setting is a different key: rebuilt, not served stale.
+    monkeypatch.setattr(mimic4, "_build", build)
+    table = mimic_copy / "icu/outputevents.csv"
+    table.write_text(table.read_text().replace("Foley", "Foley", 1))
+    os.utime(table, ns=(1, 1))
+    assert load_records(f"mimic4:{mimic_copy}") == first
+    load_records(f"mimic4:{mimic_copy}?bucket=1")
+    assert len(list((mimic_copy / ".fedmerge-cache").glob("mimic4-*.parquet"))) == 3
+
+
+def test_cache_location_options(mimic_copy, tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDMERGE_CACHE_DIR")
+    load_records(f"mimic4:{mimic_copy}?cache=off")
+    assert not (mimic_copy / ".fedmerge-cache").exists()
+    load_records(f"mimic4:{mimic_copy}?cache={tmp_path / 'mine'}")
+    assert len(list((tmp_path / "mine").glob("mimic4-*.parquet"))) == 1
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "env"))
+    load_records(f"mimic4:{mimic_copy}")
+    assert len(list((tmp_path / "env").glob("mimic4-*.parquet"))) == 1
+
+
+def test_read_only_export_caches_in_the_user_cache_dir(mimic_copy, tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDMERGE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    load_records(f"mimic4:{mimic_copy}")
+    assert len(list((tmp_path / "xdg" / "fedmerge").glob("mimic4-*.parquet"))) == 1
 
 
 def test_missing_table(mimic_copy):
@@ -96,14 +245,32 @@ def test_missing_column(mimic_copy):
 def test_duplicate_stay_id(mimic_copy):
     rows = ROWS["icu/icustays"] + [ROWS["icu/icustays"][1]]
     write_table(mimic_copy / "icu" / "icustays.csv", COLUMNS["icu/icustays"].split(), rows)
-    with pytest.raises(FedmergeError, match=r"icustays\.csv: line 7: duplicate stay_id '30002'"):
+    with pytest.raises(FedmergeError, match=r"icustays\.csv: column 'stay_id': duplicate "
+                       r"stay_id '30002'"):  # fmt: skip
         load_records(f"mimic4:{mimic_copy}")
 
 
 def test_bad_timestamp_names_line_and_column(mimic_copy):
     rows = [dict(ROWS["icu/chartevents"][0], charttime="yesterday")]
     write_table(mimic_copy / "icu" / "chartevents.csv.gz", COLUMNS["icu/chartevents"].split(), rows)
-    with pytest.raises(FedmergeError, match=r"chartevents\.csv\.gz: line 2, column 'charttime'"):
+    with pytest.raises(FedmergeError, match=r"chartevents\.csv\.gz: line 2, column 'charttime': "
+                       r"'yesterday' is not a timestamp"):  # fmt: skip
+        load_records(f"mimic4:{mimic_copy}")
+
+
+def test_wrong_type_names_table_and_column(mimic_copy):
+    rows = ROWS["icu/inputevents"] + [dict(ROWS["icu/inputevents"][0], amount="lots")]
+    write_table(mimic_copy / "icu" / "inputevents.csv", COLUMNS["icu/inputevents"].split(), rows)
+    with pytest.raises(FedmergeError, match=r"inputevents\.csv: line 7, column 'amount': "
+                       r"'lots' is not a number"):  # fmt: skip
+        load_records(f"mimic4:{mimic_copy}")
+
+
+def test_unknown_item_names_table_and_column(mimic_copy):
+    rows = [r for r in ROWS["icu/d_items"] if r["itemid"] != "226559"]
+    write_table(mimic_copy / "icu" / "d_items.csv", COLUMNS["icu/d_items"].split(), rows)
+    with pytest.raises(FedmergeError, match=r"outputevents\.csv: column 'itemid': '226559' has "
+                       r"no row in .*d_items\.csv"):  # fmt: skip
         load_records(f"mimic4:{mimic_copy}")
 
 
@@ -119,12 +286,19 @@ def test_missing_directory(tmp_path):
         load_records(f"mimic4:{tmp_path / 'absent'}")
 
 
+def test_bad_options(mimic_dir):
+    with pytest.raises(FedmergeError, match=r"engine=python .* does not apply option 'bucket'"):
+        load_records(f"mimic4:{mimic_dir}?engine=python&bucket=1")
+    with pytest.raises(FedmergeError, match=r"option 'engine=spark' must be duckdb"):
+        load_records(f"mimic4:{mimic_dir}?engine=spark")
+    with pytest.raises(FedmergeError, match=r"option 'hours=1.5' must be a whole number"):
+        load_records(f"mimic4:{mimic_dir}?hours=1.5")
+
+
 def test_other_timestamp_spellings_give_the_same_window(mimic_copy):
-    # Text comparison is only a fast path for MIMIC's own spelling; others are parsed.
     rows = [
         dict(r, charttime=r["charttime"].replace(" ", "T") + ".000")
         for r in ROWS["icu/chartevents"]
     ]
     write_table(mimic_copy / "icu" / "chartevents.csv.gz", COLUMNS["icu/chartevents"].split(), rows)
-    records = load_records(f"mimic4:{mimic_copy}")
-    assert {r.stay_id: (r.label, r.text) for r in records} == EXPECTED
+    assert texts(f"mimic4:{mimic_copy}") == EXPECTED

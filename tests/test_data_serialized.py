@@ -112,8 +112,11 @@ def test_spec_parsing():
     ]:
         with pytest.raises(FedmergeError, match=message):
             parse_spec(bad)
-    with pytest.raises(FedmergeError, match="option 'hours=-3' must be a positive number"):
+    # mimic4 windows are whole hours now (the pipeline's hourly buckets); eicu's stay real.
+    with pytest.raises(FedmergeError, match="option 'hours=-3' must be a whole number >= 1"):
         load_records("mimic4:/nowhere?hours=-3")
+    with pytest.raises(FedmergeError, match="option 'hours=-3' must be a positive number"):
+        load_records("eicu:/nowhere?hours=-3")
     with pytest.raises(FedmergeError, match="option 'demographics=maybe'"):
         load_records("mimic4:/nowhere?demographics=maybe")
 

@@ -2,9 +2,18 @@
 
 `load_records("eicu:/data/eicu?site=hospital")` and friends turn a hospital's data into the
 `PatientRecord`s every other module consumes, whatever the source format. Specs:
+<<<<<<< HEAD
 `jsonl:PATH`, `csv:PATH`, `mimic4:DIR[?hours=48&demographics=1&site=NAME]`,
 `eicu:DIR[?site=region|hospital&hours=24&select=NAME]` (`select` keeps one region or
 hospital), `synthetic:ARGS` (`site=I` keeps one hospital) (the built-in synthetic cohort).
+=======
+`jsonl:PATH`, `csv:PATH`,
+`mimic4:DIR[?hours=48&bucket=2&pred_window=0&outlier=98&outlier_low=0&icd_map=PATH`
+`&demographics=1&site=NAME&cache=DIR|off&engine=duckdb|python]`,
+`eicu:DIR[?site=region|hospital&hours=24&cache=DIR|off]`,
+`meds:DIR[?labels=TASK&site=NAME&hours=48&cache=DIR|off]` (Medical Event Data Standard),
+`synthetic:ARGS` (the built-in synthetic cohort).
+>>>>>>> issue-14
 """
 
 from __future__ import annotations
@@ -28,19 +37,28 @@ def _load(spec: DataSpec) -> list[PatientRecord]:
 
         return load_serialized(spec.path, spec.kind)
     if spec.kind == "mimic4":
-        from common.data.mimic4 import load_mimic4
+        return _mimic4(spec)
+    if spec.kind == "meds":
+        from common.data.meds import load_meds
 
-        return load_mimic4(
+        return load_meds(
             spec.path,
-            hours=spec.float_option("hours", 48.0),
-            demographics=spec.bool_option("demographics", False),
+            task=spec.options.get("labels") or None,
+            hours=spec.int_option("hours", 48),
             site=spec.options.get("site") or None,
+            cache=spec.options.get("cache"),
         )
     if spec.kind == "eicu":
         from common.data.eicu import load_eicu
 
+<<<<<<< HEAD
         records = load_eicu(
             spec.path, site=spec.option("site", "region"), hours=spec.float_option("hours", 24.0)
+=======
+        return load_eicu(
+            spec.path, site=spec.option("site", "region"), hours=spec.float_option("hours", 24.0),
+            cache=spec.options.get("cache"),
+>>>>>>> issue-14
         )
         if spec.options.get("select"):
             from common.data.select import select_site
@@ -49,6 +67,54 @@ def _load(spec: DataSpec) -> list[PatientRecord]:
                                "select")
         return records
     return _synthetic(spec.location)
+
+
+def _engine(spec: DataSpec) -> str:
+    engine = spec.option("engine", "duckdb").strip().lower()
+    if engine not in {"duckdb", "python"}:
+        raise FedmergeError(
+            f"data spec {spec.kind}:{spec.location}: option 'engine={engine}' must be duckdb "
+            "(the query engine) or python (the previous row-by-row reference)"
+        )
+    return engine
+
+
+def _mimic4(spec: DataSpec) -> list[PatientRecord]:
+    site = spec.options.get("site") or None
+    demographics = spec.bool_option("demographics", False)
+    if _engine(spec) == "python":
+        from common.data.mimic4_python import load_mimic4_python
+
+        ignored = sorted(set(spec.options) - {"hours", "demographics", "site", "engine"})
+        if ignored:
+            raise FedmergeError(
+                f"data spec {spec.kind}:{spec.location}: engine=python is the previous loader "
+                f"and does not apply option '{ignored[0]}'"
+            )
+        return load_mimic4_python(
+            spec.path, hours=spec.float_option("hours", 48.0), demographics=demographics, site=site
+        )
+    from pydantic import ValidationError
+
+    from common.data.mimic4 import Mimic4Settings, load_mimic4
+    from common.errors import validation_error
+
+    raw = {
+        "hours": spec.int_option("hours", 48),
+        "bucket": spec.int_option("bucket", 2),
+        "pred_window": spec.int_option("pred_window", 0, minimum=0),
+        "outlier": spec.float_option("outlier", 98.0),
+        "outlier_low": float(spec.option("outlier_low", "0") or 0),
+        "icd_map": spec.options.get("icd_map") or None,
+        "demographics": demographics,
+    }
+    try:
+        settings = Mimic4Settings(**raw)
+    except (ValidationError, ValueError) as exc:
+        if isinstance(exc, ValidationError):
+            raise validation_error(f"data spec {spec.kind}:{spec.location}", exc) from None
+        raise FedmergeError(f"data spec {spec.kind}:{spec.location}: {exc}") from None
+    return load_mimic4(spec.path, settings, site=site, cache=spec.options.get("cache"))
 
 
 def _check(records: list[PatientRecord], spec: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from common.data import cohort_cache, progress
 from common.data.tables import find_table, read_columns
 from common.errors import FedmergeError
 from common.records import PatientRecord, Section
@@ -230,12 +231,36 @@ def _read_timeline(
             timeline.add(stay, _offset(values[1], where), line, item)
 
 
-def load_eicu(directory: Path, *, site: str = "region", hours: float = 24.0) -> list[PatientRecord]:
-    """Records of every labelled unit stay in an eICU export (plain or gzipped CSV tables)."""
+TABLES = ("patient", "hospital", "apacheApsVar", "admissionDx", "diagnosis", "medication",
+          "treatment")  # fmt: skip
+
+
+def load_eicu(
+    directory: Path, *, site: str = "region", hours: float = 24.0, cache: str | None = None
+) -> list[PatientRecord]:
+    """Records of every labelled unit stay in an eICU export (plain or gzipped CSV tables).
+
+    The finished cohort is kept as Parquet (`common.data.cohort_cache`, keyed by the seven
+    tables' fingerprints and the settings), so only the first load reads the tables.
+    """
     if not directory.is_dir():
         raise FedmergeError(f"{directory}: eICU directory not found")
     if site not in {"region", "hospital"}:
         raise FedmergeError(f"eicu:{directory}: option site='{site}', expected region or hospital")
+    files = [find_table(directory, name) for name in TABLES]
+    store = cohort_cache.cache_dir(directory, cache)
+    key = cohort_cache.cache_key("eicu", files, {"site": site, "hours": hours})
+    table = cohort_cache.read_cached(store, key)
+    if table is not None:
+        progress.say(f"eicu: cohort from cache {store / key}.parquet")
+        return cohort_cache.table_to_records(table)
+    with progress.step("eicu", "reading the tables"):
+        records = _load(directory, site=site, hours=hours)
+    cohort_cache.write_cached(store, key, cohort_cache.records_to_table(records))
+    return records
+
+
+def _load(directory: Path, *, site: str, hours: float) -> list[PatientRecord]:
     patient_path, stays = _patients(directory)
     ids = set(stays)
     sites = _sites(directory, stays, site)

@@ -1,288 +1,377 @@
-"""MIMIC-IV 2.2 CSV tables (hosp/, icu/) → one record per adult ICU stay, first 48 hours.
+"""MIMIC-IV 2.2 CSV tables (hosp/, icu/) → the HF Mimic4Dataset mortality cohort and its text.
 
-The text follows the HF Mimic4Dataset encoding (pipeline healthylaife/MIMIC-IV-Data-Pipeline)
-so that a model tuned on its serialized output reads the same sentences here: diagnoses of the
-admission, then the mean of each chart event and medication amount over the window, then the
-procedures and outputs recorded in it. Chart events and medications are the numeric sections
-(the Mortality-hard variant keeps only those).
+PatientDx tuned and scored on the HF dataset thbndi/Mimic4Dataset, which the healthylaife
+MIMIC-IV-Data-Pipeline builds with its mortality settings. This loader reimplements the
+pipeline's rules (no code copied) so that the same export yields the same stays, labels and
+sentences. Where the pipeline's code and the dataset card disagree, the code is followed: the
+card speaks of adult stays and of the first 48 hours; the code takes adults by `anchor_age`
+(not the age at the stay, also in the demographic sentence), keeps only stays that last the
+whole window, and removes outliers on both sides (`outlier_low`, 0 by default), as below.
 
-The label is the pipeline's: 1 when `patients.dod` lies between `intime` and `outtime`
-inclusive. `dod` is a date, read as midnight, so a death later on the admission day counts 0,
-exactly as in the pipeline.
+Cohort (`preprocessing/day_intervals_preproc/day_intervals_cohort.py`, `get_visit_pts` and
+`partition_by_mort`): ICU stays joined to `patients` and, inner, to `admissions` (a stay whose
+admission row is missing is dropped); adults by `anchor_age >= 18` (the pipeline's code; the
+year-shifted age its comment describes is commented out there, so a 17-year-old anchor who
+turns 18 later is *not* adult); label 1 when `dod` (a date, read as midnight) lies in
+[intime, outtime]. Then `model/data_generation_icu.py` (`generate_adm`, `mortality_length`):
+the stay length in whole hours (`floor((outtime - intime) / 1 h)`) must be at least
+`hours + pred_window`, so stays shorter than the window are *not* in the mortality cohort.
 
-chartevents holds hundreds of millions of rows in real MIMIC-IV: every event table is streamed
-row by row, filtered to cohort stays and the window at once, and only per-item running sums are
-kept. Not reproduced: the pipeline's 98th-percentile outlier removal and its ICD-9 → ICD-10
-grouping (diagnoses are rendered with their own long titles).
+Time: an event's hour is `floor((time - intime) / 1 h)`; the window keeps hours 0 .. hours-1,
+cut into buckets of `bucket` hours (`smooth_meds`, default 2 h as in the dataset's config);
+`hours` must be a multiple of `bucket`.
+
+Chart events (`utils/icu_preprocess_util.py` `preproc_chart`, `utils/uom_conversion.py`,
+`utils/outlier_removal.py`): rows need stay, time, itemid, `valuenum` and `valueuom`;
+duplicates dropped; per itemid, when one unit has more than 95 % of the rows, rows in other
+units are dropped; then per itemid the values above the `outlier` percentile (98) or below the
+`outlier_low` percentile (0) of *all* the cohort's rows of that item (every stay, every time,
+before the window is applied) are removed (numpy's linear percentile). The value in the text is
+the mean over the buckets that have a value of each bucket's mean.
+
+Medications (`preproc_meds`, `generate_meds`): inputevents rows need subject, stay, itemid,
+start, end, `rate`, `amount` and `orderid` (the pipeline's `dropna`: a bolus without a rate is
+dropped) and must end in a later hour than they start; per bucket, the mean amount of each
+order, averaged over the orders, then over the buckets. Procedures: distinct (stay, start,
+itemid). Outputs: rows with every column filled (the pipeline's `dropna` over the whole table).
+
+Diagnoses: ICD-10 codes are grouped to their three-character root, whose `d_icd_diagnoses`
+title is rendered (or `ICD-10 <root>` where the export has no title for the root), in the
+order of their first `seq_num`. ICD-9 codes go through the pipeline's ICD-9 → ICD-10 table when
+the user gives it (`icd_map=PATH`, see `common.data.icd_map`); without it they keep their own
+ICD-9 title, the one deviation left, announced on stderr.
+
+Not verifiable offline: the HF dataset script's own final averaging (its code is not in the
+pipeline repository); the mean of bucket means above is what the pipeline's data dictionaries
+hold. `common.data.mimic4_python` keeps the previous, simpler loader for comparison.
+
+The tables are read in place, CSV or CSV.gz, by DuckDB (`common.data.duck`), with a memory cap
+and spilling; the finished cohort is cached as Parquet (`common.data.cohort_cache`).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from datetime import datetime, timedelta
 from pathlib import Path
-from typing import NamedTuple
 
-from common.data.tables import find_table, read_columns
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from common.data import cohort_cache, duck, progress
+from common.data import mimic_text as text
+from common.data.icd_map import read_icd_map
+from common.data.tables import find_table
 from common.errors import FedmergeError
-from common.records import PatientRecord, Section
+from common.records import PatientRecord
+
+records_from_table = text.records_from_table
 
 ADULT_AGE = 18
-GENDERS = {"M": "male", "F": "female"}
+SOURCE = "mimic4"
+
+TABLES: dict[str, dict[str, str]] = {
+    "hosp/patients": {
+        "subject_id": "BIGINT", "gender": "VARCHAR", "anchor_age": "INTEGER", "dod": "VARCHAR",
+    },
+    "hosp/admissions": {"hadm_id": "BIGINT", "race": "VARCHAR", "insurance": "VARCHAR"},
+    "hosp/diagnoses_icd": {
+        "hadm_id": "BIGINT", "seq_num": "INTEGER", "icd_code": "VARCHAR", "icd_version": "INTEGER",
+    },
+    "hosp/d_icd_diagnoses": {
+        "icd_code": "VARCHAR", "icd_version": "INTEGER", "long_title": "VARCHAR",
+    },
+    "icu/icustays": {
+        "subject_id": "BIGINT", "hadm_id": "BIGINT", "stay_id": "BIGINT",
+        "intime": "TIMESTAMP", "outtime": "TIMESTAMP",
+    },
+    "icu/d_items": {"itemid": "BIGINT", "label": "VARCHAR"},
+    "icu/chartevents": {
+        "stay_id": "BIGINT", "charttime": "TIMESTAMP", "itemid": "BIGINT",
+        "valuenum": "DOUBLE", "valueuom": "VARCHAR",
+    },
+    "icu/inputevents": {
+        "subject_id": "BIGINT", "stay_id": "BIGINT", "itemid": "BIGINT",
+        "starttime": "TIMESTAMP", "endtime": "TIMESTAMP", "rate": "DOUBLE", "amount": "DOUBLE",
+        "orderid": "BIGINT",
+    },
+    "icu/procedureevents": {"stay_id": "BIGINT", "starttime": "TIMESTAMP", "itemid": "BIGINT"},
+    "icu/outputevents": {"stay_id": "BIGINT", "charttime": "TIMESTAMP", "itemid": "BIGINT"},
+}  # fmt: skip
 
 
-class _Stay(NamedTuple):
-    """Internal only (never crosses a module boundary): a tuple keeps the hot loop cheap."""
+class Mimic4Settings(BaseModel):
+    """Everything that shapes the cohort; part of the cache key."""
 
-    stay_id: str
-    hadm_id: str
-    intime: datetime
-    end: datetime
-    label: int
-    age: int
-    gender: str
-    start_text: str
-    end_text: str
+    model_config = ConfigDict(frozen=True)
 
+    hours: int = Field(48, gt=0)
+    bucket: int = Field(2, gt=0)
+    pred_window: int = Field(0, ge=0)
+    outlier: float = Field(98.0, gt=0, le=100)
+    outlier_low: float = Field(0.0, ge=0, lt=100)
+    unit_share: float = Field(0.95, gt=0, le=1)
+    icd_map: str | None = None
+    demographics: bool = False
 
-def _number(raw: str, where: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise FedmergeError(f"{where}: '{raw}' is not a number") from None
-
-
-def _time(raw: str, where: str) -> datetime:
-    try:
-        return datetime.fromisoformat(raw.strip())
-    except ValueError:
-        raise FedmergeError(f"{where}: '{raw}' is not a timestamp (YYYY-MM-DD HH:MM:SS)") from None
+    @model_validator(mode="after")
+    def _whole_buckets(self) -> Mimic4Settings:
+        if self.hours % self.bucket:
+            raise ValueError(f"hours={self.hours} is not a multiple of bucket={self.bucket}")
+        if self.outlier_low >= self.outlier:
+            raise ValueError("outlier_low must be below outlier")
+        return self
 
 
-def format_mean(value: float) -> str:
-    """Three decimals at most, trailing zeros dropped: the pipeline's rounding of the means."""
-    text = f"{value:.3f}".rstrip("0").rstrip(".")
-    return "0" if text == "-0" else text
+def _hour(time: str, start: str) -> str:
+    """SQL for the pipeline's whole hours since `start` (floor, negative before it)."""
+    return f"floor((epoch_us({time}) - epoch_us({start})) / 3600e6)"
 
 
-def _second_text(moment: datetime) -> str:
-    """`moment` rounded up to a whole second, as MIMIC writes timestamps: for a timestamp t in
-    whole seconds, t >= moment exactly when its text >= this text, so windows compare as text."""
-    if moment.microsecond:
-        moment = moment.replace(microsecond=0) + timedelta(seconds=1)
-    return moment.isoformat(sep=" ", timespec="seconds")
+def _tables(directory: Path) -> dict[str, Path]:
+    return {name: find_table(directory / name.split("/")[0], name.split("/")[1])
+            for name in TABLES}  # fmt: skip
 
 
-def _patients(hosp: Path) -> tuple[Path, dict[str, tuple[str, int, int, str]]]:
-    path = find_table(hosp, "patients")
-    patients = {}
-    for line, (subject, gender, age, year, dod) in read_columns(
-        path, ("subject_id", "gender", "anchor_age", "anchor_year", "dod")
-    ):
-        where = f"{path}: line {line}"
-        patients[subject.strip()] = (
-            gender.strip(),
-            int(_number(age, f"{where}, column 'anchor_age'")),
-            int(_number(year, f"{where}, column 'anchor_year'")),
-            dod.strip(),
+def _check_cohort(con, paths: dict[str, Path]) -> None:
+    stays, patients = paths["icu/icustays"], paths["hosp/patients"]
+    dup = duck.rows(con, "SELECT stay_id, count(*) FROM icustays GROUP BY stay_id "
+                    "HAVING count(*) > 1 ORDER BY stay_id LIMIT 1", str(stays))  # fmt: skip
+    if dup:
+        raise FedmergeError(
+            f"{stays}: column 'stay_id': duplicate stay_id '{dup[0][0]}' ({dup[0][1]} rows)"
         )
-    return path, patients
-
-
-def _cohort(directory: Path, hours: float) -> tuple[dict[str, _Stay], Path]:
-    """Adult ICU stays with their window end and label."""
-    patients_path, patients = _patients(directory / "hosp")
-    path = find_table(directory / "icu", "icustays")
-    stays: dict[str, _Stay] = {}
-    first_line: dict[str, int] = {}
-    for line, (subject, hadm, stay, intime_raw, outtime_raw) in read_columns(
-        path, ("subject_id", "hadm_id", "stay_id", "intime", "outtime")
-    ):
-        where = f"{path}: line {line}"
-        stay = stay.strip()
-        if not stay:
-            raise FedmergeError(f"{where}: column 'stay_id' is blank")
-        if stay in first_line:
-            raise FedmergeError(
-                f"{where}: duplicate stay_id '{stay}' (first at line {first_line[stay]})"
-            )
-        first_line[stay] = line
-        subject = subject.strip()
-        if subject not in patients:
-            raise FedmergeError(f"{where}: subject_id '{subject}' has no row in hosp/patients")
-        gender, anchor_age, anchor_year, dod = patients[subject]
-        intime = _time(intime_raw, f"{where}, column 'intime'")
-        outtime = _time(outtime_raw, f"{where}, column 'outtime'")
-        age = anchor_age + intime.year - anchor_year
-        if age < ADULT_AGE:
-            continue
-        died = False
-        if dod:
-            death = _time(dod[:10], f"{patients_path}: subject {subject}, column 'dod'")
-            died = intime <= death <= outtime
-        end = intime + timedelta(hours=hours)
-        stays[stay] = _Stay(
-            stay_id=stay, hadm_id=hadm.strip(), intime=intime, end=end, label=int(died),
-            age=age, gender=gender, start_text=_second_text(intime), end_text=_second_text(end),
-        )  # fmt: skip
-    if not stays:
-        raise FedmergeError(f"{path}: no adult ICU stay (expected at least one with age >= 18)")
-    return stays, path
-
-
-def _item_labels(icu: Path) -> dict[str, str]:
-    path = find_table(icu, "d_items")
-    return {item.strip(): " ".join(label.split()) for _, (item, label) in
-            read_columns(path, ("itemid", "label"))}  # fmt: skip
-
-
-def _events(
-    icu: Path,
-    table: str,
-    time_column: str,
-    value_column: str | None,
-    stays: dict[str, _Stay],
-    labels: dict[str, str],
-) -> dict[str, dict[str, list[float]]]:
-    """Per stay, per item label: [sum, count] of values (or of occurrences) inside the window."""
-    path = find_table(icu, table)
-    columns = ("stay_id", time_column, "itemid") + ((value_column,) if value_column else ())
-    sums: dict[str, dict[str, list[float]]] = defaultdict(dict)
-    parse_time = datetime.fromisoformat
-    # The hot loop of the whole loader (hundreds of millions of rows in real MIMIC-IV): no
-    # per-row string formatting or function calls beyond what filtering needs; error
-    # messages are built only when a row is actually bad.
-    for line, values in read_columns(path, columns):
-        stay = stays.get(values[0]) or stays.get(values[0].strip())
-        if stay is None:
-            continue
-        when = values[1]
-        if len(when) == 19 and when[10] == " ":
-            # MIMIC's own "YYYY-MM-DD HH:MM:SS" orders as text: compare without parsing.
-            if when < stay.start_text or when >= stay.end_text:
-                continue
-        else:
-            try:
-                moment = parse_time(when)
-            except ValueError:
-                moment = _time(when, f"{path}: line {line}, column '{time_column}'")
-            if moment < stay.intime or moment >= stay.end:
-                continue
-        value = 1.0
-        if value_column:
-            raw = values[3]
-            if not raw or raw.isspace():
-                continue  # text-only chart values carry no number to average
-            try:
-                value = float(raw)
-            except ValueError:
-                raise FedmergeError(
-                    f"{path}: line {line}, column '{value_column}': '{raw}' is not a number"
-                ) from None
-        itemid = values[2]
-        per_stay = sums[stay.stay_id]
-        acc = per_stay.get(itemid)
-        if acc is None:
-            itemid = itemid.strip()
-            if itemid not in labels:
-                raise FedmergeError(
-                    f"{path}: line {line}: itemid '{itemid}' has no row in icu/d_items"
-                )
-            acc = per_stay.setdefault(itemid, [0.0, 0])
-        acc[0] += value
-        acc[1] += 1
-    return sums
-
-
-def _diagnoses(hosp: Path, hadm_ids: set[str]) -> dict[str, list[str]]:
-    path = find_table(hosp, "d_icd_diagnoses")
-    titles = {
-        (code.strip(), version.strip()): " ".join(title.split())
-        for _, (code, version, title) in read_columns(
-            path, ("icd_code", "icd_version", "long_title")
+    blank = duck.rows(con, "SELECT count(*) FROM icustays WHERE stay_id IS NULL", str(stays))
+    if blank[0][0]:
+        raise FedmergeError(f"{stays}: column 'stay_id' is blank in {blank[0][0]} row(s)")
+    orphan = duck.rows(con, "SELECT subject_id FROM icustays ANTI JOIN patients "
+                       "USING (subject_id) ORDER BY subject_id LIMIT 1", str(stays))  # fmt: skip
+    if orphan:
+        raise FedmergeError(
+            f"{stays}: column 'subject_id': subject '{orphan[0][0]}' has no row in {patients}"
         )
-    }
-    path = find_table(hosp, "diagnoses_icd")
-    found: dict[str, list[tuple[float, str]]] = defaultdict(list)
-    for line, (hadm, seq, code, version) in read_columns(
-        path, ("hadm_id", "seq_num", "icd_code", "icd_version")
-    ):
-        hadm = hadm.strip()
-        if hadm not in hadm_ids:
-            continue
-        key = (code.strip(), version.strip())
-        title = titles.get(key, f"ICD-{key[1]} {key[0]}")
-        found[hadm].append((_number(seq, f"{path}: line {line}, column 'seq_num'"), title))
-    return {hadm: list(dict.fromkeys(t for _, t in sorted(rows))) for hadm, rows in found.items()}
+    bad_dod = duck.rows(con, "SELECT dod FROM patients WHERE dod IS NOT NULL "
+                        "AND TRY_CAST(left(dod, 10) AS DATE) IS NULL LIMIT 1", str(patients))
+    if bad_dod:
+        raise FedmergeError(
+            f"{patients}: column 'dod': '{bad_dod[0][0]}' is not a date (YYYY-MM-DD)"
+        )
 
 
-def _admissions(hosp: Path, hadm_ids: set[str]) -> dict[str, tuple[str, str]]:
-    path = find_table(hosp, "admissions")
-    return {
-        hadm.strip(): (" ".join(race.split()), " ".join(insurance.split()))
-        for _, (hadm, race, insurance) in read_columns(path, ("hadm_id", "race", "insurance"))
-        if hadm.strip() in hadm_ids
-    }
+def _build(con, paths: dict[str, Path], s: Mimic4Settings) -> pa.Table:
+    def scan(name: str) -> str:
+        return duck.scan(paths[name], TABLES[name])
+
+    with progress.step(SOURCE, "cohort (patients, admissions, icustays)"):
+        duck.run(con, f"CREATE TEMP TABLE patients AS SELECT * FROM {scan('hosp/patients')}",
+                 str(paths["hosp/patients"]))  # fmt: skip
+        duck.run(con, f"CREATE TEMP TABLE icustays AS SELECT * FROM {scan('icu/icustays')}",
+                 str(paths["icu/icustays"]))  # fmt: skip
+        _check_cohort(con, paths)
+        duck.run(con, f"""CREATE TEMP TABLE adults AS
+            SELECT i.stay_id, i.hadm_id, i.intime, i.outtime, p.anchor_age AS age, p.gender,
+                   a.race, a.insurance,
+                   CAST({_hour('i.outtime', 'i.intime')} AS BIGINT) AS los_hours,
+                   CASE WHEN CAST(CAST(left(p.dod, 10) AS DATE) AS TIMESTAMP)
+                             BETWEEN i.intime AND i.outtime THEN 1 ELSE 0 END AS label
+            FROM icustays i JOIN patients p USING (subject_id)
+            JOIN (SELECT hadm_id, any_value(race) AS race, any_value(insurance) AS insurance
+                  FROM {scan('hosp/admissions')} GROUP BY hadm_id) a ON a.hadm_id = i.hadm_id
+            WHERE p.anchor_age >= {ADULT_AGE} AND i.intime IS NOT NULL
+              AND i.outtime IS NOT NULL""", str(paths["hosp/admissions"]))  # fmt: skip
+        duck.run(con, f"""CREATE TEMP TABLE kept AS SELECT * FROM adults
+            WHERE los_hours >= {s.hours + s.pred_window}""", SOURCE)  # fmt: skip
+        count = duck.rows(con, "SELECT count(*) FROM kept", SOURCE)[0][0]
+    if not count:
+        raise FedmergeError(
+            f"{paths['icu/icustays']}: no adult ICU stay of at least {s.hours + s.pred_window} "
+            f"hours (the mortality cohort needs anchor_age >= {ADULT_AGE} and a row in "
+            "hosp/admissions)"
+        )
+    progress.say(f"{SOURCE}: {count} stays in the cohort")
+    in_window = f"h >= 0 AND h < {s.hours} AND h < los_hours"
+
+    with progress.step(SOURCE, f"chart events ({paths['icu/chartevents'].name})"):
+        # One narrow row per distinct chart value of an adult stay: the unit as a 64-bit hash
+        # and the time as microseconds since intime keep the table small on 300 M rows.
+        duck.run(con, f"""CREATE TEMP TABLE chart AS
+            SELECT DISTINCT c.stay_id, c.itemid, c.valuenum, hash(c.valueuom) AS unit,
+                   epoch_us(c.charttime) - epoch_us(a.intime) AS us
+            FROM {scan('icu/chartevents')} c JOIN adults a ON a.stay_id = c.stay_id
+            WHERE c.valuenum IS NOT NULL AND c.valueuom IS NOT NULL
+              AND c.charttime IS NOT NULL AND c.itemid IS NOT NULL""",
+                 str(paths["icu/chartevents"]))  # fmt: skip
+        duck.run(con, f"""CREATE TEMP TABLE units AS
+            WITH n AS (SELECT itemid, unit, count(*) AS rows FROM chart GROUP BY ALL),
+                 t AS (SELECT itemid, sum(rows) AS total, count(*) AS kinds, max(rows) AS top
+                       FROM n GROUP BY itemid)
+            SELECT n.itemid, n.unit FROM n JOIN t USING (itemid)
+            WHERE t.kinds = 1 OR t.top <= {s.unit_share} * t.total OR n.rows = t.top""",
+                 SOURCE)  # fmt: skip
+        duck.run(con, f"""CREATE TEMP TABLE chart_means AS
+            WITH kept_units AS (SELECT c.* FROM chart c SEMI JOIN units u
+                                ON u.itemid = c.itemid AND u.unit = c.unit),
+                 bounds AS (SELECT itemid, quantile_cont(valuenum, {s.outlier / 100}) AS hi,
+                                   quantile_cont(valuenum, {s.outlier_low / 100}) AS lo
+                            FROM kept_units GROUP BY itemid),
+                 timed AS (SELECT c.stay_id, c.itemid, c.valuenum, k.los_hours,
+                                  floor(c.us / 3600e6) AS h
+                           FROM kept_units c JOIN kept k USING (stay_id)),
+                 buckets AS (SELECT t.stay_id, t.itemid, floor(t.h / {s.bucket}) AS b,
+                                    avg(t.valuenum) AS mean
+                             FROM timed t JOIN bounds USING (itemid)
+                             WHERE {in_window} AND t.valuenum BETWEEN bounds.lo AND bounds.hi
+                             GROUP BY ALL)
+            SELECT stay_id, itemid, avg(mean) AS value FROM buckets GROUP BY ALL""",
+                 SOURCE)  # fmt: skip
+        duck.run(con, "DROP TABLE chart", SOURCE)
+
+    with progress.step(SOURCE, "medications, procedures, outputs"):
+        duck.run(con, f"""CREATE TEMP TABLE med_means AS
+            WITH timed AS (SELECT m.stay_id, m.itemid, m.orderid, m.amount, k.los_hours,
+                                  {_hour('m.starttime', 'k.intime')} AS h,
+                                  {_hour('m.endtime', 'k.intime')} AS h_end
+                           FROM {scan('icu/inputevents')} m JOIN kept k USING (stay_id)
+                           WHERE m.subject_id IS NOT NULL AND m.itemid IS NOT NULL
+                             AND m.starttime IS NOT NULL AND m.endtime IS NOT NULL
+                             AND m.rate IS NOT NULL AND m.amount IS NOT NULL
+                             AND m.orderid IS NOT NULL),
+                 orders AS (SELECT stay_id, itemid, orderid, floor(h / {s.bucket}) AS b,
+                                   avg(amount) AS mean
+                            FROM timed WHERE h_end - h > 0 AND {in_window} GROUP BY ALL),
+                 buckets AS (SELECT stay_id, itemid, b, avg(mean) AS mean FROM orders
+                             GROUP BY ALL)
+            SELECT stay_id, itemid, avg(mean) AS value FROM buckets GROUP BY ALL""",
+                 str(paths["icu/inputevents"]))  # fmt: skip
+        duck.run(con, f"""CREATE TEMP TABLE procedures AS
+            SELECT DISTINCT stay_id, itemid FROM (
+              SELECT p.stay_id, p.itemid, k.los_hours, {_hour('p.starttime', 'k.intime')} AS h
+              FROM (SELECT DISTINCT * FROM {scan('icu/procedureevents')}) p
+              JOIN kept k USING (stay_id)
+              WHERE p.starttime IS NOT NULL AND p.itemid IS NOT NULL) WHERE {in_window}""",
+                 str(paths["icu/procedureevents"]))  # fmt: skip
+        out_path = paths["icu/outputevents"]
+        every_column = " AND ".join(f'o."{c}" IS NOT NULL' for c in duck.header(out_path))
+        out_scan = duck.scan(out_path, {c: TABLES["icu/outputevents"].get(c, "VARCHAR")
+                                        for c in duck.header(out_path)})  # fmt: skip
+        duck.run(con, f"""CREATE TEMP TABLE outputs AS
+            SELECT DISTINCT stay_id, itemid FROM (
+              SELECT o.stay_id, o.itemid, k.los_hours, {_hour('o.charttime', 'k.intime')} AS h
+              FROM {out_scan} o JOIN kept k USING (stay_id) WHERE {every_column})
+            WHERE {in_window}""", str(out_path))  # fmt: skip
+
+    duck.run(con, f"CREATE TEMP TABLE items AS SELECT itemid, "
+             f"{text.sql_words('any_value(label)')} AS label "
+             f"FROM {scan('icu/d_items')} GROUP BY itemid", str(paths["icu/d_items"]))  # fmt: skip
+    for table, source in (("chart_means", "icu/chartevents"), ("med_means", "icu/inputevents"),
+                          ("procedures", "icu/procedureevents"), ("outputs", "icu/outputevents")):
+        unknown = duck.rows(con, f"SELECT itemid FROM {table} ANTI JOIN items USING (itemid) "
+                            "ORDER BY itemid LIMIT 1", SOURCE)  # fmt: skip
+        if unknown:
+            raise FedmergeError(f"{paths[source]}: column 'itemid': '{unknown[0][0]}' has no row "
+                                f"in {paths['icu/d_items']}")  # fmt: skip
+
+    with progress.step(SOURCE, "diagnoses"):
+        _diagnoses(con, paths, s)
+    return _collect(con, s)
 
 
-def _items(per_item: dict[str, list[float]], labels: dict[str, str], fmt: str) -> list[str]:
-    ordered = sorted(per_item.items(), key=lambda kv: (len(kv[0]), kv[0]))
-    return [fmt.format(mean=format_mean(s / n), label=labels[i]) for i, (s, n) in ordered]
+def _diagnoses(con, paths: dict[str, Path], s: Mimic4Settings) -> None:
+    """Each kept stay's diagnosis titles in the order of their first seq_num (see module doc)."""
+    if s.icd_map:
+        mapping = read_icd_map(Path(s.icd_map).expanduser())
+        con.execute("CREATE TEMP TABLE icd_map (root9 VARCHAR, icd10 VARCHAR)")
+        con.executemany("INSERT INTO icd_map VALUES (?, ?)", list(mapping.items()))
+        nine = "left(m.icd10, 3)"
+    else:
+        con.execute("CREATE TEMP TABLE icd_map (root9 VARCHAR, icd10 VARCHAR)")
+        nine = "d.icd_code"
+    duck.run(con, f"""CREATE TEMP TABLE titles AS SELECT icd_code, icd_version,
+        any_value(long_title) AS long_title FROM {duck.scan(paths['hosp/d_icd_diagnoses'],
+        TABLES['hosp/d_icd_diagnoses'])} GROUP BY ALL""",
+             str(paths["hosp/d_icd_diagnoses"]))  # fmt: skip
+    mapped = "m.icd10 IS NOT NULL" if s.icd_map else "TRUE"
+    duck.run(con, f"""CREATE TEMP TABLE diagnoses AS
+        WITH d AS (SELECT d.hadm_id, d.seq_num, trim(d.icd_code) AS icd_code, d.icd_version
+                   FROM {duck.scan(paths['hosp/diagnoses_icd'], TABLES['hosp/diagnoses_icd'])} d
+                   SEMI JOIN kept k ON k.hadm_id = d.hadm_id WHERE d.icd_code IS NOT NULL),
+             grouped AS (
+               SELECT d.hadm_id, d.seq_num, left(d.icd_code, 3) AS code, 10 AS version
+               FROM d WHERE d.icd_version = 10
+               UNION ALL
+               SELECT d.hadm_id, d.seq_num, {nine} AS code, {10 if s.icd_map else 9} AS version
+               FROM d LEFT JOIN icd_map m ON m.root9 = left(d.icd_code, 3)
+               WHERE d.icd_version = 9 AND {mapped})
+        SELECT g.hadm_id, g.version,
+               coalesce(t.long_title, 'ICD-' || g.version || ' ' || g.code) AS title,
+               min(g.seq_num) AS first
+        FROM grouped g LEFT JOIN titles t ON t.icd_code = g.code AND t.icd_version = g.version
+        GROUP BY ALL""", str(paths["hosp/diagnoses_icd"]))  # fmt: skip
+    if not s.icd_map and duck.rows(con, "SELECT count(*) FROM diagnoses WHERE version = 9",
+                                   SOURCE)[0][0]:  # fmt: skip
+        progress.say(f"{SOURCE}: no icd_map= given: ICD-9 diagnoses keep their own titles "
+                     "(the pipeline converts them to ICD-10 roots)")
+
+
+def _collect(con, s: Mimic4Settings) -> pa.Table:
+    """One row per kept stay with its rendered sentences, ready to cache (all in DuckDB)."""
+    diagnoses = "d.titles"
+    first_section = (text.sql_demographics("k.race", "k.gender", "k.age", "k.insurance",
+                                           diagnoses) if s.demographics  # fmt: skip
+                     else f"'The patient is diagnosed with ' || {diagnoses} || '.'")
+
+    def numeric(table: str, header: str, joiner: str) -> str:
+        # Each mean is printed once (a subquery column), then its '-0' fixed.
+        item = f"{text.sql_zero('m')} || '{joiner}' || label"
+        return f"""SELECT stay_id, {text.sql_sentence(header, item, 'itemid')} AS sentence
+            FROM (SELECT t.stay_id, t.itemid, {text.sql_printed('t.value')} AS m, i.label
+                  FROM {table} t JOIN items i USING (itemid)) GROUP BY stay_id"""
+
+    def listed(table: str, header: str) -> str:
+        return f"""SELECT t.stay_id, {text.sql_sentence(header, 'i.label', 't.itemid')} AS sentence
+            FROM {table} t JOIN items i USING (itemid) GROUP BY t.stay_id"""
+
+    sql = f"""
+        WITH chart AS ({numeric('chart_means', text.CHART_HEADER, ' for ')}),
+             meds AS ({numeric('med_means', text.MEDS_HEADER, ' of ')}),
+             procs AS ({listed('procedures', text.PROCEDURES_HEADER)}),
+             outs AS ({listed('outputs', text.OUTPUTS_HEADER)}),
+             titled AS (SELECT hadm_id, {text.sql_words('title')} AS title, min(first) AS first
+               FROM diagnoses GROUP BY ALL),
+             d AS (SELECT hadm_id, string_agg(title, ';' ORDER BY first, title) AS titles
+               FROM titled GROUP BY hadm_id)
+        SELECT CAST(k.stay_id AS VARCHAR) AS stay_id, CAST(k.label AS TINYINT) AS label,
+               {first_section} AS diagnoses, chart.sentence AS chart_events,
+               meds.sentence AS medications, procs.sentence AS procedures,
+               outs.sentence AS outputs
+        FROM kept k LEFT JOIN d ON d.hadm_id = k.hadm_id
+        LEFT JOIN chart USING (stay_id) LEFT JOIN meds USING (stay_id)
+        LEFT JOIN procs USING (stay_id) LEFT JOIN outs USING (stay_id)
+        ORDER BY k.stay_id"""
+    return duck.arrow(con, sql, SOURCE)
 
 
 def load_mimic4(
-    directory: Path, *, hours: float = 48.0, demographics: bool = False, site: str | None = None
+    directory: Path,
+    settings: Mimic4Settings | None = None,
+    *,
+    site: str | None = None,
+    cache: str | None = None,
 ) -> list[PatientRecord]:
-    """Records of every adult ICU stay in a MIMIC-IV 2.2 export (`hosp/`, `icu/` CSV tables)."""
+    """Records of the pipeline's mortality cohort in a MIMIC-IV 2.2 export (see module doc)."""
+    settings = settings or Mimic4Settings()
     if not directory.is_dir():
         raise FedmergeError(f"{directory}: MIMIC-IV directory not found")
-    hosp, icu = directory / "hosp", directory / "icu"
-    stays, _ = _cohort(directory, hours)
-    hadm_ids = {s.hadm_id for s in stays.values()}
-    labels = _item_labels(icu)
-    diagnoses = _diagnoses(hosp, hadm_ids)
-    admissions = _admissions(hosp, hadm_ids) if demographics else {}
-    chart = _events(icu, "chartevents", "charttime", "valuenum", stays, labels)
-    inputs = _events(icu, "inputevents", "starttime", "amount", stays, labels)
-    procedures = _events(icu, "procedureevents", "starttime", None, stays, labels)
-    outputs = _events(icu, "outputevents", "charttime", None, stays, labels)
-
-    records = []
-    for stay in stays.values():
-        sections: list[Section] = []
-        titles = diagnoses.get(stay.hadm_id, [])
-        if demographics:
-            race, insurance = admissions.get(stay.hadm_id, ("", ""))
-            who = " ".join(w for w in (race, GENDERS.get(stay.gender, stay.gender)) if w)
-            head = f"The patient {who}, {stay.age} years old, covered by {insurance}"
-            text = f"{head} was diagnosed with {';'.join(titles)}." if titles else f"{head}."
-            sections.append(Section(name="diagnoses", text=text))
-        elif titles:
-            sections.append(
-                Section(name="diagnoses", text=f"The patient is diagnosed with {';'.join(titles)}.")
-            )
-        for name, table, header, fmt, numeric in (
-            ("chart_events", chart, "The chart events mesured are :", "{mean} for {label}", True),
-            (
-                "medications", inputs,
-                "The mean amounts of medications administered during the episode are :",
-                "{mean} of {label}", True,
-            ),
-            ("procedures", procedures, "The procedures performed are :", "{label}", False),
-            ("outputs", outputs, "The outputs collected are :", "{label}", False),
-        ):  # fmt: skip
-            items = _items(table.get(stay.stay_id, {}), labels, fmt)
-            if items:
-                sections.append(
-                    Section(name=name, text=f"{header}{';'.join(items)}.", numeric=numeric)
-                )
-        records.append(
-            PatientRecord(
-                stay_id=stay.stay_id,
-                site_id=site,
-                label=stay.label,
-                text=" ".join(s.text for s in sections),
-                sections=tuple(sections),
-            )
-        )
-    return records
+    paths = _tables(directory)
+    files = list(paths.values()) + ([Path(settings.icd_map).expanduser()]
+                                    if settings.icd_map else [])  # fmt: skip
+    store = cohort_cache.cache_dir(directory, cache)
+    key = cohort_cache.cache_key(SOURCE, files, settings.model_dump())
+    table = cohort_cache.read_cached(store, key)
+    if table is not None:
+        progress.say(f"{SOURCE}: cohort from cache {store / key}.parquet")
+        return records_from_table(table, site)
+    with duck.connect(spill=(store / "spill") if store else None) as con:
+        table = _build(con, paths, settings)
+    written = cohort_cache.write_cached(store, key, table)
+    if written:
+        progress.say(f"{SOURCE}: cohort cached at {written}")
+    return records_from_table(table, site)

@@ -17,8 +17,17 @@ from common.errors import FedmergeError
 KIND_OPTIONS: dict[str, frozenset[str]] = {
     "jsonl": frozenset(),
     "csv": frozenset(),
+<<<<<<< HEAD
     "mimic4": frozenset({"hours", "demographics", "site"}),
     "eicu": frozenset({"hours", "site", "select"}),
+=======
+    "mimic4": frozenset({
+        "hours", "demographics", "site", "bucket", "pred_window", "outlier", "outlier_low",
+        "icd_map", "cache", "engine",
+    }),
+    "eicu": frozenset({"hours", "site", "cache"}),
+    "meds": frozenset({"site", "labels", "hours", "cache"}),
+>>>>>>> issue-14
     "synthetic": frozenset(),
 }
 
@@ -51,6 +60,21 @@ class DataSpec(BaseModel):
             raise FedmergeError(
                 f"data spec {self.kind}:{self.location}: option '{name}={raw}' "
                 "must be a positive number"
+            )
+        return value
+
+    def int_option(self, name: str, default: int, *, minimum: int = 1) -> int:
+        raw = self.options.get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise FedmergeError(
+                f"data spec {self.kind}:{self.location}: option '{name}={raw}' "
+                f"must be a whole number >= {minimum}"
             )
         return value
 

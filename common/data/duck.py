@@ -1,0 +1,163 @@
+"""DuckDB, the embedded query engine the clinical loaders read their CSV exports with.
+
+MIMIC-IV's chartevents alone has about 313 million rows; a row-by-row Python reader takes about
+an hour for it. DuckDB reads the CSV (or CSV.gz) in place, filters, joins and aggregates in
+native code, and spills to disk past its memory limit, so a 24 GiB machine is enough.
+(Measured against Polars on the same generated export before choosing: see
+`bench/engine_choice.py` and docs/ARCHITECTURE.md.)
+
+Every table goes through `scan`: the header is checked first (a missing column names file and
+column before any long read), the needed columns are read as text and cast to the declared
+types by DuckDB, and a value that does not convert becomes one `FedmergeError` naming the
+file, line, column and value instead of DuckDB's multi-line report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from common.data.tables import open_text
+from common.errors import FedmergeError
+
+if TYPE_CHECKING:  # imported when a table is first read, so a cached cohort never loads DuckDB
+    import duckdb
+
+# Settings a user may need on a shared or small machine; the defaults keep DuckDB well under a
+# 24 GiB machine's memory while leaving room for the model that scores the records afterwards.
+MEMORY_ENV = "FEDMERGE_DUCKDB_MEMORY"
+THREADS_ENV = "FEDMERGE_DUCKDB_THREADS"
+DEFAULT_MEMORY = "6GB"
+
+_TYPE_WORDS = {
+    "TIMESTAMP": "a timestamp (YYYY-MM-DD HH:MM:SS)",
+    "DATE": "a date (YYYY-MM-DD)",
+    "DOUBLE": "a number",
+    "BIGINT": "a whole number",
+    "INTEGER": "a whole number",
+}
+
+
+def header(path: Path) -> list[str]:
+    """The column names of a CSV table (first line only, so a bad file fails at once)."""
+    import csv
+
+    with open_text(path) as handle:
+        try:
+            row = next(csv.reader(handle))
+        except StopIteration:
+            raise FedmergeError(f"{path}: file is empty (expected a header row)") from None
+        except (csv.Error, UnicodeDecodeError, EOFError, OSError) as exc:
+            raise FedmergeError(f"{path}: cannot read the header row ({exc})") from None
+    return [name.strip() for name in row]
+
+
+def check_columns(path: Path, columns: Mapping[str, str] | list[str]) -> list[str]:
+    """Refuse a table lacking any of `columns`; returns the header for callers that need it."""
+    names = header(path)
+    wanted = list(columns)
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise FedmergeError(
+            f"{path}: missing column '{missing[0]}' (expected columns: {', '.join(wanted)})"
+        )
+    return names
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def scan(path: Path, columns: Mapping[str, str]) -> str:
+    """SQL for a relation with exactly `columns` (name → DuckDB type) of the CSV at `path`.
+
+    Every column of the header is declared (the needed ones with their type, the rest as
+    text) and DuckDB's sniffer is off: nothing is guessed from a sample, so a value far down a
+    313-million-row file cannot contradict a guess, and unused columns are never converted.
+    """
+    names = check_columns(path, columns)
+    declared = ", ".join(f"{_quote(n)}: {_quote(columns.get(n, 'VARCHAR'))}" for n in names)
+    select = ", ".join(f'"{name}"' for name in columns)
+    return (
+        f"(SELECT {select} FROM read_csv({_quote(str(path))}, header = true, "
+        f"auto_detect = false, delim = ',', quote = '\"', escape = '\"', "
+        f"columns = {{{declared}}}))"
+    )
+
+
+_LINE = re.compile(r"CSV Error on Line: (\d+)")
+_COLUMN = re.compile(r'converting column "([^"]+)"')
+_VALUE = re.compile(r"Could not convert string \"(.*?)\" to '([A-Z]+)")
+_FILE = re.compile(r"^\s*file = (.+)$", re.MULTILINE)
+
+
+def explain(exc: duckdb.Error, context: str) -> FedmergeError:
+    """One line for a DuckDB error: the file, line, column and value where it can tell."""
+    text = str(exc)
+    file_match = _FILE.search(text)
+    where = file_match.group(1).strip() if file_match else context
+    line = _LINE.search(text)
+    column = _COLUMN.search(text)
+    value = _VALUE.search(text)
+    if column and value:
+        at = f"line {line.group(1)}, " if line else ""
+        expected = _TYPE_WORDS.get(value.group(2), value.group(2).lower())
+        return FedmergeError(
+            f"{where}: {at}column '{column.group(1)}': '{value.group(1)}' is not {expected}"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return FedmergeError(f"{where}: {first}")
+
+
+@contextmanager
+def connect(spill: Path | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB with a memory cap, spilling to `spill` when given."""
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(f"SET memory_limit = '{os.environ.get(MEMORY_ENV, DEFAULT_MEMORY)}'")
+        threads = os.environ.get(THREADS_ENV)
+        if threads:
+            con.execute(f"SET threads = {int(threads)}")
+        con.execute("SET preserve_insertion_order = false")
+        con.execute("SET enable_progress_bar = false")
+        if spill is not None:
+            spill.mkdir(parents=True, exist_ok=True)
+            con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
+        yield con
+    finally:
+        con.close()
+
+
+def run(con: duckdb.DuckDBPyConnection, sql: str, context: str) -> None:
+    """Execute `sql`; any DuckDB failure becomes one FedmergeError."""
+    import duckdb
+
+    try:
+        con.execute(sql)
+    except duckdb.Error as exc:
+        raise explain(exc, context) from None
+
+
+def rows(con: duckdb.DuckDBPyConnection, sql: str, context: str) -> list[tuple]:
+    import duckdb
+
+    try:
+        return con.execute(sql).fetchall()
+    except duckdb.Error as exc:
+        raise explain(exc, context) from None
+
+
+def arrow(con: duckdb.DuckDBPyConnection, sql: str, context: str):
+    """The result of `sql` as a pyarrow Table."""
+    import duckdb
+
+    try:
+        return con.sql(sql).to_arrow_table()
+    except duckdb.Error as exc:
+        raise explain(exc, context) from None

@@ -1,0 +1,145 @@
+"""The sentences of the HF Mimic4Dataset text encoding, shared by every loader that emits it.
+
+MIMIC-IV CSV exports (`common.data.mimic4`) and MEDS event streams (`common.data.meds`) both end
+as the same five sections, so a model tuned on one reads the other's text the same way:
+diagnoses, the mean of each chart event and medication amount over the window, then the
+procedures and outputs recorded in it (headers, `;` joins and the "mesured" spelling are the
+dataset's own). Chart events and medications are the numeric sections the hard variant keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import pyarrow as pa
+
+from common.records import PatientRecord, Section
+
+GENDERS = {"M": "male", "F": "female"}
+SECTION_NAMES = ("diagnoses", "chart_events", "medications", "procedures", "outputs")
+NUMERIC = frozenset({"chart_events", "medications"})
+CHART_HEADER = "The chart events mesured are :"
+MEDS_HEADER = "The mean amounts of medications administered during the episode are :"
+PROCEDURES_HEADER = "The procedures performed are :"
+OUTPUTS_HEADER = "The outputs collected are :"
+
+
+class Demographics(NamedTuple):
+    race: str
+    gender: str
+    age: int
+    insurance: str
+
+
+def format_mean(value: float) -> str:
+    """Three decimals at most, trailing zeros dropped: the pipeline's rounding of the means."""
+    text = f"{value:.3f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def render(
+    *,
+    diagnoses: Sequence[str],
+    chart: Sequence[tuple[str, float]],
+    medications: Sequence[tuple[str, float]],
+    procedures: Sequence[str],
+    outputs: Sequence[str],
+    demographics: Demographics | None = None,
+) -> tuple[Section, ...]:
+    """The sections in the dataset's order; an empty part has no section at all."""
+    sections: list[Section] = []
+    if demographics is not None:
+        race, gender, age, insurance = demographics
+        who = " ".join(w for w in (race, GENDERS.get(gender, gender)) if w)
+        head = f"The patient {who}, {age} years old, covered by {insurance}"
+        text = f"{head} was diagnosed with {';'.join(diagnoses)}." if diagnoses else f"{head}."
+        sections.append(Section(name="diagnoses", text=text))
+    elif diagnoses:
+        text = f"The patient is diagnosed with {';'.join(diagnoses)}."
+        sections.append(Section(name="diagnoses", text=text))
+    if chart:
+        items = ";".join(f"{format_mean(mean)} for {label}" for label, mean in chart)
+        text = f"{CHART_HEADER}{items}."
+        sections.append(Section(name="chart_events", text=text, numeric=True))
+    if medications:
+        items = ";".join(f"{format_mean(mean)} of {label}" for label, mean in medications)
+        text = f"{MEDS_HEADER}{items}."
+        sections.append(Section(name="medications", text=text, numeric=True))
+    if procedures:
+        text = f"{PROCEDURES_HEADER}{';'.join(procedures)}."
+        sections.append(Section(name="procedures", text=text))
+    if outputs:
+        text = f"{OUTPUTS_HEADER}{';'.join(outputs)}."
+        sections.append(Section(name="outputs", text=text))
+    return tuple(sections)
+
+
+def sections_from_texts(texts: dict[str, str | None]) -> tuple[Section, ...]:
+    """Sections from already rendered sentences (SQL-rendered or cached); None = absent."""
+    return tuple(
+        Section(name=name, text=texts[name], numeric=name in NUMERIC)
+        for name in SECTION_NAMES
+        if texts.get(name)
+    )
+
+
+def records_from_table(table: pa.Table, site: str | None) -> list[PatientRecord]:
+    """PatientRecords from a cohort table (fresh or cached): `stay_id`, `label` and one text
+    column per section name (null where the stay has none)."""
+    names = [name for name in SECTION_NAMES if name in table.column_names]
+    texts = [table.column(name).to_pylist() for name in names]
+    numeric = [name in NUMERIC for name in names]
+    records = []
+    for stay_id, label, *parts in zip(table.column("stay_id").to_pylist(),
+                                      table.column("label").to_pylist(), *texts,
+                                      strict=True):  # fmt: skip
+        sections = tuple(
+            Section(name=name, text=part, numeric=flag)
+            for name, part, flag in zip(names, parts, numeric, strict=True)
+            if part
+        )
+        records.append(PatientRecord(stay_id=stay_id, site_id=site, label=label,
+                                     text=" ".join(x.text for x in sections),
+                                     sections=sections))  # fmt: skip
+    return records
+
+
+# The same sentences rendered inside DuckDB, so a cohort of tens of thousands of stays is never
+# walked item by item in Python. Each function returns a SQL expression.
+
+
+def sql_printed(value: str) -> str:
+    """`value` with three decimals, trailing zeros and a bare point dropped ('-0' possible)."""
+    return f"rtrim(rtrim(printf('%.3f', {value}), '0'), '.')"
+
+
+def sql_zero(printed: str) -> str:
+    """`sql_printed`'s '-0' (a tiny negative mean) as '0', as `format_mean` writes it."""
+    return f"(CASE WHEN {printed} = '-0' THEN '0' ELSE {printed} END)"
+
+
+def sql_mean(value: str) -> str:
+    """`format_mean` in SQL: three decimals, trailing zeros and a bare point dropped."""
+    return sql_zero(sql_printed(value))
+
+
+def sql_words(value: str) -> str:
+    """Whitespace runs collapsed to one space, ends trimmed (Python's `' '.join(s.split())`)."""
+    return f"trim(regexp_replace(coalesce({value}, ''), '\\s+', ' ', 'g'))"
+
+
+def sql_sentence(header: str, items: str, order: str) -> str:
+    """An aggregate: `header` + items joined by ';' in `order` + '.'."""
+    quoted = header.replace("'", "''")
+    return f"'{quoted}' || string_agg({items}, ';' ORDER BY {order}) || '.'"
+
+
+def sql_demographics(race: str, gender: str, age: str, insurance: str, diagnoses: str) -> str:
+    """The demographic diagnoses sentence of `render(..., demographics=...)`."""
+    word = f"(CASE {gender} WHEN 'M' THEN 'male' WHEN 'F' THEN 'female' ELSE {gender} END)"
+    who = f"concat_ws(' ', nullif({sql_words(race)}, ''), nullif({sql_words(word)}, ''))"
+    head = (f"'The patient ' || {who} || ', ' || CAST({age} AS VARCHAR) || "
+            f"' years old, covered by ' || {sql_words(insurance)}")  # fmt: skip
+    return (f"({head} || CASE WHEN {diagnoses} IS NULL THEN '.' "
+            f"ELSE ' was diagnosed with ' || {diagnoses} || '.' END)")  # fmt: skip
