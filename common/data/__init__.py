@@ -2,18 +2,13 @@
 
 `load_records("eicu:/data/eicu?site=hospital")` and friends turn a hospital's data into the
 `PatientRecord`s every other module consumes, whatever the source format. Specs:
-<<<<<<< HEAD
-`jsonl:PATH`, `csv:PATH`, `mimic4:DIR[?hours=48&demographics=1&site=NAME]`,
-`eicu:DIR[?site=region|hospital&hours=24&select=NAME]` (`select` keeps one region or
-hospital), `synthetic:ARGS` (`site=I` keeps one hospital) (the built-in synthetic cohort).
-=======
 `jsonl:PATH`, `csv:PATH`,
 `mimic4:DIR[?hours=48&bucket=2&pred_window=0&outlier=98&outlier_low=0&icd_map=PATH`
 `&demographics=1&site=NAME&cache=DIR|off&engine=duckdb|python]`,
-`eicu:DIR[?site=region|hospital&hours=24&cache=DIR|off]`,
+`eicu:DIR[?site=region|hospital&hours=24&cache=DIR|off&select=NAME]` (`select` keeps one
+region or hospital),
 `meds:DIR[?labels=TASK&site=NAME&hours=48&cache=DIR|off]` (Medical Event Data Standard),
-`synthetic:ARGS` (the built-in synthetic cohort).
->>>>>>> issue-14
+`synthetic:ARGS` (the built-in synthetic cohort; `site=I` keeps one hospital).
 """
 
 from __future__ import annotations
@@ -51,14 +46,9 @@ def _load(spec: DataSpec) -> list[PatientRecord]:
     if spec.kind == "eicu":
         from common.data.eicu import load_eicu
 
-<<<<<<< HEAD
         records = load_eicu(
-            spec.path, site=spec.option("site", "region"), hours=spec.float_option("hours", 24.0)
-=======
-        return load_eicu(
             spec.path, site=spec.option("site", "region"), hours=spec.float_option("hours", 24.0),
             cache=spec.options.get("cache"),
->>>>>>> issue-14
         )
         if spec.options.get("select"):
             from common.data.select import select_site

@@ -17,17 +17,12 @@ from common.errors import FedmergeError
 KIND_OPTIONS: dict[str, frozenset[str]] = {
     "jsonl": frozenset(),
     "csv": frozenset(),
-<<<<<<< HEAD
-    "mimic4": frozenset({"hours", "demographics", "site"}),
-    "eicu": frozenset({"hours", "site", "select"}),
-=======
     "mimic4": frozenset({
         "hours", "demographics", "site", "bucket", "pred_window", "outlier", "outlier_low",
         "icd_map", "cache", "engine",
     }),
-    "eicu": frozenset({"hours", "site", "cache"}),
+    "eicu": frozenset({"hours", "site", "cache", "select"}),
     "meds": frozenset({"site", "labels", "hours", "cache"}),
->>>>>>> issue-14
     "synthetic": frozenset(),
 }
 
