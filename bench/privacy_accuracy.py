@@ -8,7 +8,8 @@ OpenDP's discrete Gaussian noise to its counts (`common.dp.noise.noisy_counts`, 
 `noisy_metrics` estimates AUROC/AUPRC and `best_within_noise` picks λ*. Against the exact union
 (scikit-learn on the union's raw scores) it reports, per dataset × bins × mode × ε over noise
 seeds: mean |pooled − exact| AUROC and AUPRC, and λ* regret (exact AUROC of the best grid λ
-minus exact AUROC of the chosen λ). "Seeds" are independent noise draws: OpenDP's exact
+minus exact AUROC of the chosen λ; beside it the regret of the plain noisy argmax, the baseline
+the noise band is meant to beat). "Seeds" are independent noise draws: OpenDP's exact
 sampler reads the operating system's entropy and takes no seed, so reruns differ by sampling
 error only (it is also slow, 30-400 µs per draw, which sizes `--trials`).
 
@@ -17,8 +18,10 @@ and its label) and every other patient's counts. Its statistic is Σ over the 11
 (released count in the target's bin − that count without the target): with Gaussian noise the
 likelihood-ratio test between "in" and "out" is a threshold on exactly this sum, so it is the
 most powerful attack here. TPR at 1% FPR (ROC interpolated, i.e. a randomised threshold) over
-many in/out trials is compared with the DP bound e^ε · 1% + δ. Other coordinates of the release
-carry independent noise the statistic does not read, so only the target's coordinates are drawn.
+many in/out trials is compared with the DP bound e^ε · 1% + δ. Distributed mode: the attack reads
+the pooled sum; local mode: the target's site's own release (a coordinator that isolates one
+site). Other coordinates of a release carry independent noise the statistic does not read, so
+only the target's coordinates are drawn.
 
 Also a large synthetic cohort (`--large-stays`, default 20,000) for λ* regret at ε = 1;
 scoring is ~1 ms-15 ms per stay and λ on 2 cores, so the size actually used is printed and
@@ -65,7 +68,7 @@ from common.metrics import (  # noqa: E402
     pooled_metrics,
     score_histograms,
 )
-from server.search import Evaluation, best_within_noise, grid_points  # noqa: E402
+from server.search import Evaluation, best_of, best_within_noise, grid_points  # noqa: E402
 
 LAMBDAS = grid_points(11)
 BINS = (16, 32)
@@ -235,43 +238,65 @@ def released_metrics(hists: np.ndarray, cal: Calibration | None) -> list[PooledM
     return [noisy_metrics(p, q, var) for p, q in pooled]
 
 
-def regret_of(metrics: list[PooledMetrics], exact_auroc: np.ndarray) -> tuple[float, float]:
+def regret_of(metrics: list[PooledMetrics], exact_auroc: np.ndarray, rule=best_within_noise
+              ) -> tuple[float, float]:
+    """Exact AUROC lost by the λ that `rule` picks from the released metrics, and that λ."""
     evals = [Evaluation(lam, m) for lam, m in zip(LAMBDAS, metrics, strict=True)]
-    chosen = float(best_within_noise(evals).candidate)
+    chosen = float(rule(evals).candidate)
     return float(exact_auroc.max() - exact_auroc[LAMBDAS.index(chosen)]), chosen
 
 
 def membership_tpr(c: Cohort, hists: np.ndarray, ref: dict[float, np.ndarray],
                    cal: Calibration | None, trials: int, rng: np.random.Generator) -> float:
-    """TPR at 1% FPR of the strong adversary's sum statistic over the 11 releases."""
+    """TPR at 1% FPR of the strong adversary's sum statistic over the 11 releases.
+
+    The worst case each mode's guarantee covers. distributed: the adversary reads the pooled
+    sum and colludes with every site outside the honest quorum, so it subtracts their noise and
+    faces only the `honest_sites` shares (the target's site among them). local: it reads the
+    target's site's own release, as a coordinator that isolates one site would.
+    """
     from sklearn.metrics import roc_curve
 
     if cal is None:
         return 1.0  # exact counts: the statistic is 11 for members and 0 for everyone else
     n_sites = hists.shape[0]
-    bins = hists.shape[-1]
-    spec = HistogramSpec(bins=bins, placement="reference")
+    spec = HistogramSpec(bins=hists.shape[-1], placement="reference")
     targets = rng.integers(0, c.labels.size, trials)
+    site = c.site_of[targets]
+    rows = np.arange(trials)
+    # The target's coordinate (its bin and class at each λ) at every site, without the target:
+    # the adversary knows these counts.
+    without = np.zeros((trials, len(LAMBDAS), n_sites), dtype=np.int64)
+    cls = 1 - c.labels[targets]  # class row: 0 = pos, 1 = neg
+    for j, lam in enumerate(LAMBDAS):
+        b = spec.bin_index(c.scores[lam][targets], spec.reference_edges(ref[lam]))
+        without[:, j, :] = hists[:, j, cls, b].T
+        without[rows, j, site] -= 1
+    # The sites whose noise the adversary cannot subtract: the target's and the next ones.
+    honest = settings_for(cal.mode, cal.epsilon, n_sites).honest_sites
+    keep = (site[:, None] + np.arange(honest)[None, :]) % n_sites  # (trial, honest)
+    without = np.stack([without[rows, :, keep[:, h]] for h in range(honest)], axis=2)
     stats = []
     for member in (False, True):
-        # Per trial and λ: the target's coordinate at every site, with the target removed
-        # (the adversary knows these counts), plus the target itself when it is a member.
-        without = np.zeros((trials, len(LAMBDAS), n_sites), dtype=np.int64)
-        for j, lam in enumerate(LAMBDAS):
-            edges = spec.reference_edges(ref[lam])
-            b = spec.bin_index(c.scores[lam][targets], edges)
-            cls = 1 - c.labels[targets]  # class row: 0 = pos, 1 = neg
-            without[:, j, :] = hists[:, j, cls, b].T
-            without[np.arange(trials), j, c.site_of[targets]] -= 1
         counts = without.copy()
         if member:
-            for j in range(len(LAMBDAS)):
-                counts[np.arange(trials), j, c.site_of[targets]] += 1
+            counts[:, :, 0] += 1  # the target's site is first in `keep`
+        # Every summed site adds its own noise, exactly as in a run.
         released = noisy_counts(counts, cal.sigma_site).sum(axis=2)
         stats.append((released - without.sum(axis=2)).sum(axis=1))
     y = np.r_[np.zeros(trials), np.ones(trials)]
     fpr, tpr, _ = roc_curve(y, np.r_[stats[0], stats[1]])
     return float(np.interp(FPR, fpr, tpr))
+
+
+def gaussian_tpr(cal: Calibration, n_sites: int) -> float:
+    """The attack's TPR at 1% FPR if the noise were continuous Gaussian: a check on the
+    simulated attack (the sum shifts by 11 against noise of sd √(11·honest)·σ_site)."""
+    from scipy.stats import norm
+
+    honest = settings_for(cal.mode, cal.epsilon, n_sites).honest_sites
+    shift = len(LAMBDAS) / math.sqrt(len(LAMBDAS) * honest * cal.sigma_site**2)
+    return float(norm.sf(norm.isf(FPR) - shift))
 
 
 def evaluate(c: Cohort, ref: dict[float, np.ndarray], seeds: int, trials: int,
@@ -289,7 +314,7 @@ def evaluate(c: Cohort, ref: dict[float, np.ndarray], seeds: int, trials: int,
                 if math.isfinite(eps):
                     cal = calibrate(settings_for(mode, eps, n_sites), dims=2 * bins)
                 runs = 1 if cal is None else seeds
-                err_au, err_ap, regrets, chosen = [], [], [], []
+                err_au, err_ap, regrets, chosen, naive = [], [], [], [], []
                 for _ in range(runs):
                     ms = released_metrics(hists, cal)
                     err_au.append([abs(m.auroc - e) for m, e in zip(ms, exact_au, strict=True)])
@@ -297,6 +322,8 @@ def evaluate(c: Cohort, ref: dict[float, np.ndarray], seeds: int, trials: int,
                     r, lam = regret_of(ms, exact_au)
                     regrets.append(r)
                     chosen.append(lam)
+                    # Baseline: the noisy argmax (what λ* would be without the noise band).
+                    naive.append(regret_of(ms, exact_au, best_of)[0])
                 err_au_a, err_ap_a = np.array(err_au), np.array(err_ap)
                 if cal is None:
                     noiseless[bins] = float(err_au_a.max())
@@ -324,8 +351,10 @@ def evaluate(c: Cohort, ref: dict[float, np.ndarray], seeds: int, trials: int,
                     "auprc_error_mean": float(err_ap_a.mean()),
                     "regret_mean": float(np.mean(regrets)),
                     "regret_max": float(np.max(regrets)),
+                    "regret_argmax_mean": float(np.mean(naive)),
                     "chosen_lambdas": chosen,
                     "membership_tpr_at_1fpr": tpr,
+                    "gaussian_tpr_at_1fpr": None if cal is None else gaussian_tpr(cal, n_sites),
                     "dp_bound_tpr_at_1fpr": None if cal is None
                     else math.exp(cal.epsilon) * FPR + DELTA,
                 })
@@ -341,7 +370,7 @@ def evaluate(c: Cohort, ref: dict[float, np.ndarray], seeds: int, trials: int,
 def print_table(rows: list[dict]) -> None:
     head = (f"{'dataset':10} {'n':>6} {'bins':>4} {'mode':11} {'ε':>5} {'σ_tot':>6} "
             f"{'σ_site':>6} {'sd_sum':>6} {'|ΔAUROC|':>9} {'|ΔAUPRC|':>9} {'regret':>7} "
-            f"{'reg_max':>7} {'TPR@1%':>7} {'bound':>7}")
+            f"{'reg_max':>7} {'argmax':>7} {'TPR@1%':>7} {'Gauss':>7} {'bound':>7}")
     print(head)
     print("-" * len(head))
 
@@ -354,7 +383,9 @@ def print_table(rows: list[dict]) -> None:
               f"{f(r['sigma_total'], '6.2f')} {f(r['sigma_site'], '6.2f')} "
               f"{f(r['pooled_noise_sd'], '6.2f')} {r['auroc_error_mean']:9.4f} "
               f"{r['auprc_error_mean']:9.4f} {r['regret_mean']:7.4f} {r['regret_max']:7.4f} "
-              f"{f(r['membership_tpr_at_1fpr'], '7.4f')} {f(r['dp_bound_tpr_at_1fpr'], '7.4f')}")
+              f"{r['regret_argmax_mean']:7.4f} "
+              f"{f(r['membership_tpr_at_1fpr'], '7.4f')} {f(r['gaussian_tpr_at_1fpr'], '7.4f')} "
+              f"{f(r['dp_bound_tpr_at_1fpr'], '7.4f')}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -485,7 +516,8 @@ def main() -> None:
         out["eicu_error_eps8"] = row["auroc_error_mean"]
         out["eicu_eps8_by_bins"] = {
             b: {k: pick(rows, dataset="eicu", bins=b, mode="distributed", epsilon=8.0)[k]
-                for k in ("regret_mean", "regret_max", "auroc_error_mean", "auprc_error_mean")}
+                for k in ("regret_mean", "regret_max", "regret_argmax_mean", "auroc_error_mean",
+                      "auprc_error_mean")}
             for b in BINS}
     else:
         out["eicu_regret_eps8"] = out["eicu_error_eps8"] = None
@@ -493,6 +525,7 @@ def main() -> None:
         row = pick(rows, dataset="large", bins=32, mode="distributed", epsilon=1.0)
         out["large_regret_eps1"] = row["regret_mean"]
         out["large_regret_eps1_max"] = row["regret_max"]
+        out["large_regret_eps1_argmax"] = row["regret_argmax_mean"]
         out["large_regret_eps1_by_bins"] = {
             b: pick(rows, dataset="large", bins=b, mode="distributed", epsilon=1.0)["regret_mean"]
             for b in BINS}
