@@ -329,7 +329,9 @@ def evaluate(c: Cohort, ref: dict[float, np.ndarray], seeds: int, trials: int,
                     noiseless[bins] = float(err_au_a.max())
                 tpr = None
                 if attack and bins == max(BINS):  # the statistic does not depend on the bins
-                    tpr = membership_tpr(c, hists, ref, cal, trials, rng)
+                    # Where the bound is loose (ε > 1) a quarter of the trials will do.
+                    n = trials if cal is None or cal.epsilon <= 1.0 + 1e-9 else trials // 4
+                    tpr = membership_tpr(c, hists, ref, cal, n, rng)
                 eps_run = None if cal is None else cal.epsilon
                 rows.append({
                     "dataset": c.name,
@@ -457,8 +459,9 @@ def main() -> None:
     ap.add_argument("--large-stays", type=int, default=20_000,
                     help="stays in the large synthetic cohort (3 sites); 0 skips it")
     ap.add_argument("--seeds", type=int, default=10, help="noise seeds per configuration")
-    ap.add_argument("--trials", type=int, default=10_000,
-                    help="membership trials per side (members and non-members)")
+    ap.add_argument("--trials", type=int, default=40_000,
+                    help="membership trials per side (members and non-members) at ε ≤ 1; "
+                    "a quarter of them at larger ε")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for scoring")
     ap.add_argument("--cache", type=Path,
                     default=Path(tempfile.gettempdir()) / "fedmerge-privacy-accuracy-cache")
@@ -537,7 +540,7 @@ def main() -> None:
                 and r["epsilon"] <= 1.0 + 1e-9]
     out["membership_tpr_at_1fpr_eps1"] = max(r["membership_tpr_at_1fpr"] for r in attacked)
     out["membership_dp_bound_eps1"] = max(r["dp_bound_tpr_at_1fpr"] for r in attacked)
-    out["membership_trials_per_side"] = args.trials
+    out["membership_trials_per_side"] = {"eps_le_1": args.trials, "eps_gt_1": args.trials // 4}
     out["targets_met"] = {
         "noiseless_error_le_0.002": out["auroc_error_noiseless"] <= 0.002,
         "eicu_eps8_regret_le_0.01": None if out["eicu_regret_eps8"] is None
