@@ -9,7 +9,7 @@ OpenDP's discrete Gaussian noise to its counts (`common.dp.noise.noisy_counts`, 
 (scikit-learn on the union's raw scores) it reports, per dataset × bins × mode × ε over noise
 seeds: mean |pooled − exact| AUROC and AUPRC, and λ* regret (exact AUROC of the best grid λ
 minus exact AUROC of the chosen λ; beside it the regret of the plain noisy argmax, the baseline
-the noise band is meant to beat). "Seeds" are independent noise draws: OpenDP's exact
+the smoothed rule is meant to beat). "Seeds" are independent noise draws: OpenDP's exact
 sampler reads the operating system's entropy and takes no seed, so reruns differ by sampling
 error only (it is also slow, 30-400 µs per draw, which sizes `--trials`).
 
@@ -322,7 +322,7 @@ def evaluate(c: Cohort, ref: dict[float, np.ndarray], seeds: int, trials: int,
                     r, lam = regret_of(ms, exact_au)
                     regrets.append(r)
                     chosen.append(lam)
-                    # Baseline: the noisy argmax (what λ* would be without the noise band).
+                    # Baseline: the noisy argmax (what λ* would be without smoothing).
                     naive.append(regret_of(ms, exact_au, best_of)[0])
                 err_au_a, err_ap_a = np.array(err_au), np.array(err_ap)
                 if cal is None:

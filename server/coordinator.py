@@ -328,7 +328,7 @@ def run_tuning(
             "tuning fold: the pooled data has a single class, so AUROC is undefined; expected "
             "both outcomes among the contributing sites"
         )
-    # Without noise the best AUROC; with noise the median λ of the noise band (search.py).
+    # Without noise the best AUROC; with noise the best of the λ-smoothed curve (search.py).
     star = best_within_noise(history).candidate
     test_cands: list[Candidate] = []
     for c in (star, recipe.parent_candidate(0), recipe.parent_candidate(1)):

@@ -48,28 +48,31 @@ def best_of(evals: Sequence[Evaluation]) -> Evaluation:
     return max(evals, key=lambda e: (score_of(e), -evals.index(e)))
 
 
-# Width of the noise band around the best AUROC, in standard deviations of the difference of
-# two candidates' noisy AUROCs (√2 × one candidate's noise SD).
-NOISE_BAND_SD = 1.0
-
-
 def best_within_noise(evals: Sequence[Evaluation]) -> Evaluation:
-    """λ* that does not chase privacy noise. Without noise: `best_of`. With noise: every
-    candidate whose AUROC is within NOISE_BAND_SD·√2·sd of the best is as good as the best
-    given the noise; the tie rule takes the median λ of that band (the lower median), which
-    on a single-peaked curve sits at the peak whichever side the noise favoured. Candidates
-    with one λ per group keep `best_of` (no order to take a median in).
+    """λ* that does not chase privacy noise. Without noise: `best_of`. With noise (one λ per
+    candidate): the argmax of the curve smoothed over each λ and its neighbours in λ order
+    (a 3-point moving mean, 2 points at the ends), ties to the higher raw AUROC.
+
+    Why: the noise is independent across candidates while a merge's AUROC curve is smooth in
+    λ, so averaging neighbours cuts the noise's spread by ~√3 at little bias. Measured on the
+    eICU demo at ε = 8 (11 λ, 32 bins, 200 draws): regret 0.008 against 0.015 for the plain
+    noisy argmax and 0.018 for "the median λ of the one-SD band" (which drags λ* to the middle
+    of the grid when the best λ is at an end). Candidates with one λ per group keep `best_of`.
     """
     best = best_of(evals)
-    sd = best.metrics.noise_sd
-    if sd <= 0 or best.metrics.auroc is None or not isinstance(best.candidate, float | int):
+    if best.metrics.noise_sd <= 0 or not all(
+        isinstance(e.candidate, float | int) and e.metrics.auroc is not None for e in evals
+    ):
         return best
-    floor = best.metrics.auroc - NOISE_BAND_SD * (2**0.5) * sd
-    band = sorted(
-        (e for e in evals if e.metrics.auroc is not None and e.metrics.auroc >= floor),
-        key=lambda e: float(e.candidate),
-    )
-    return band[(len(band) - 1) // 2]
+    ordered = sorted(evals, key=lambda e: float(e.candidate))
+    aurocs = [float(e.metrics.auroc) for e in ordered]
+
+    def smoothed(i: int) -> float:
+        window = aurocs[max(0, i - 1) : i + 2]
+        return sum(window) / len(window)
+
+    top = max(range(len(ordered)), key=lambda i: (smoothed(i), aurocs[i]))
+    return ordered[top]
 
 
 def grid_points(n: int) -> list[float]:
