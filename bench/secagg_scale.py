@@ -38,13 +38,14 @@ Variants (`--variants graph/shamir`):
   what the round cost before fedmerge replaced it. Loopback only (the simulation's sites run in
   Ray actors, where the guard installs production).
 
-Findings now (2 shared cores, load average ~4 from other work; loopback; full/fast): the search
-sends 11 x 2 x 32 = 704 entries per site (32 reference-placed bins, issue 12) and keys are
-agreed with X25519: 3 / 10 / 25 / 50 sites -> overhead 0.035 / 0.25 / 0.60 / 2.0 s per round,
-par_est 0.02 / 0.16 / 0.16 / 0.41 s. At 50 sites what is left is Shamir shares at the sites
-(~0.5 s), X25519 exchanges (~0.35 s), Fernet (~0.5 s), masks (~0.35 s) and Flower's message
-serialization (~0.5 s), all O(n^2). Against FHAUC (0.68 s for 100 parties): ~3x at half the
-parties serially on one machine, ~0.6x with each site on its own machine.
+Findings now (2 cores, quiet; loopback; full/fast): the search sends 11 x 2 x 32 = 704 entries
+per site (32 reference-placed bins, issue 12) and keys are agreed with X25519: 3 / 10 / 25 / 50
+sites -> overhead 0.028 / 0.14 / 0.33 / 1.42 s per round, par_est 0.02 / 0.08 / 0.10 / 0.32 s
+(with the machine shared at load ~4: 0.035 / 0.25 / 0.60 / 2.0 s). At 50 sites what is
+left is Shamir shares at the sites (~0.5 s), X25519 exchanges (~0.35 s), Fernet (~0.5 s),
+masks (~0.35 s) and Flower's message serialization (~0.5 s), all O(n^2). Against FHAUC
+(0.68 s for 100 parties): ~2x at half the parties serially on one machine, ~0.5x with each
+site on its own machine.
 
 Findings before (2,048 uniform bins = 45,056 entries, P-384 key agreement):
 3 / 10 / 25 / 50 sites -> overhead 0.09 / 0.32 / 2.2 / 7.8 s per round, coordinator part
