@@ -70,8 +70,9 @@ def check_privacy(policy: SitePolicy, ann: Announcement) -> str | None:
     """The announced privacy against the site's: mode, (ε, δ) per run, assumed honest sites.
 
     In distributed mode the noise is split over `honest_sites`: a coordinator that claims
-    many honest sites asks each for less noise, so the claim must be at least a strict
-    majority of the announced sites (the SecAgg+ guard's own floor) and `min_sites`.
+    many honest sites asks each for less noise, so the claim must lie between a strict
+    majority of the announced sites (the SecAgg+ guard's own floor) and `min_sites` at the
+    low end and the announced sites at the high end.
     """
     from common.dp.settings import MODE_STRENGTH
 
@@ -82,8 +83,9 @@ def check_privacy(policy: SitePolicy, ann: Announcement) -> str | None:
         return None
     if got.epsilon > want.max_epsilon_per_run or got.delta > want.max_delta:
         return "dp:epsilon-above-policy"
-    if got.mode == "distributed" and got.honest_sites < max(ann.sites // 2 + 1, policy.min_sites):
-        return "dp:honest-sites-below-policy"
+    floor = max(ann.sites // 2 + 1, policy.min_sites)
+    if got.mode == "distributed" and not floor <= got.honest_sites <= ann.sites:
+        return "dp:honest-sites-out-of-range"
     return None
 
 

@@ -69,8 +69,8 @@ REFUSAL_CODES = {
     "dp:mode-below-policy": "a privacy mode weaker than this site requires (off < distributed "
     "< local)",
     "dp:epsilon-above-policy": "an epsilon or delta per run above this site's cap",
-    "dp:honest-sites-below-policy": "distributed noise that assumes fewer honest sites than a "
-    "strict majority of the announced sites or this site's min_sites",
+    "dp:honest-sites-out-of-range": "distributed noise that assumes fewer honest sites than a "
+    "strict majority of the announced sites or this site's min_sites, or more than announced",
     "dp:budget-exhausted": "a run whose privacy cost would exceed this site's total budget",
     "dp:releases-exhausted": "more candidate releases of one fold than the run announced",
     "dp:too-few-sites": "a distributed-noise sum over fewer sites than the run assumes honest",

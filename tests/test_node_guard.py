@@ -413,3 +413,41 @@ def test_probing_the_policy_is_rate_limited(tiny_parents, recipe):
     rate = _AnnouncementRate()
     assert rate.admit("a", 1, now=0.0) and not rate.admit("a", 1, now=10.0)
     assert rate.admit("a", 1, now=3601.0)
+
+
+@pytest.mark.adversarial
+@pytest.mark.parametrize("honest", [2, 50], ids=["fewer-than-a-majority", "more-than-announced"])
+def test_a_coordinator_cannot_shrink_the_noise_by_claiming_honest_sites(tiny_parents, recipe,
+                                                                        honest):
+    """Distributed noise is split over the honest sites the run claims: claiming 50 of 3 (or
+    fewer than a strict majority) would have each site add too little. Refused before scoring."""
+    grid = _grid(tiny_parents, tamper=_edit_request(
+        None, lambda d: d["privacy"].update(honest_sites=honest)))
+    accepted, _ = announce(grid, recipe, NODES)
+    assert not accepted
+    assert set(_codes(grid).values()) == {"dp:honest-sites-out-of-range"}
+    _still_serves(grid, recipe)
+
+
+@pytest.mark.adversarial
+def test_a_coordinator_cannot_release_more_than_the_noise_was_calibrated_for(tiny_parents,
+                                                                             recipe):
+    """The announcement says one release per fold (so the sites calibrate little noise); the
+    round then asks to release two candidates. Every site refuses at the release, after
+    scoring, before its vector leaves: `dp:releases-exhausted`."""
+    from flwr.app import Context, RecordDict
+
+    from common.errors import FedmergeError
+    from server.secagg import secure_round
+
+    grid = _grid(tiny_parents, tamper=_edit_request(
+        None, lambda d: d["privacy"].update(releases=1)))
+    accepted, refusals = announce(grid, recipe, NODES)
+    assert sorted(accepted) == NODES and not refusals
+    instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75], sites=3)
+    instr = instr.model_copy(update={"privacy": instr.privacy.model_copy(update={"releases": 1})})
+    assert score_round(grid, NODES, instr, timeout_per_candidate=60).ready == NODES
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(FedmergeError):
+        secure_round(grid, ctx, node_ids=NODES, instructions=instr, settings=recipe.secagg)
+    assert set(_codes(grid).values()) == {"dp:releases-exhausted"}

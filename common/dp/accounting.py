@@ -18,6 +18,7 @@ to the reported ε (it is below 1e-12 once s ≥ 2; calibration raises σ until 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict
 
@@ -94,10 +95,13 @@ def _run_epsilon(sigma: float, s: PrivacySettings, dims: int) -> tuple[float, fl
     return eps + tau_eps, rho1, tau_eps
 
 
+@lru_cache(maxsize=64)
 def calibrate(settings: PrivacySettings, dims: int) -> Calibration:
     """The smallest noise (to 0.1%) whose run meets `settings.epsilon` at `settings.delta`.
 
     `dims`: coordinates of one candidate's release (2 × bins), for the distributed correction.
+    Cached: the coordinator and every site ask for the same run's calibration at each round
+    and release (a bisection of ~40 OpenDP maps); the settings are frozen, hence hashable.
     """
     s = settings
     if not s.on:
