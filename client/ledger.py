@@ -105,16 +105,8 @@ class ReleaseLedger:
         return out
 
     def spent_rho(self, extra: Release | None = None) -> float:
-        """zCDP ρ spent by the most-charged patient: per partition (folds, seed) the largest
-        fold's sum, summed over partitions."""
-        per_fold: dict[tuple[int, int, int], float] = {}
-        for e in [*self.entries(), *([extra] if extra is not None else [])]:
-            key = (e.folds, e.fold_seed, e.fold)
-            per_fold[key] = per_fold.get(key, 0.0) + e.rho
-        per_partition: dict[tuple[int, int], float] = {}
-        for (folds, seed, _), rho in per_fold.items():
-            per_partition[(folds, seed)] = max(per_partition.get((folds, seed), 0.0), rho)
-        return float(sum(per_partition.values()))
+        """zCDP ρ spent by the most-charged patient, `extra` included (see `rho_spent`)."""
+        return rho_spent([*self.entries(), *([extra] if extra is not None else [])])
 
     def check(self, release: Release, max_per_day: int,
               budget: tuple[float, float] | None = None) -> str | None:
@@ -147,6 +139,19 @@ class ReleaseLedger:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def rho_spent(entries: list[Release]) -> float:
+    """zCDP ρ spent by the most-charged patient: per partition (folds, seed) the largest
+    fold's sum, summed over partitions."""
+    per_fold: dict[tuple[int, int, int], float] = {}
+    for e in entries:
+        key = (e.folds, e.fold_seed, e.fold)
+        per_fold[key] = per_fold.get(key, 0.0) + e.rho
+    per_partition: dict[tuple[int, int], float] = {}
+    for (folds, seed, _), rho in per_fold.items():
+        per_partition[(folds, seed)] = max(per_partition.get((folds, seed), 0.0), rho)
+    return float(sum(per_partition.values()))
 
 
 def over_budget(rho: float, budget: tuple[float, float]) -> bool:

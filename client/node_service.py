@@ -317,7 +317,7 @@ def node_report(node_file: Path, runs: int = 5) -> NodeReport:
     ledger = None
     if cfg.ledger is not None:
         ledger = _ledger_summary(Path(node_file).resolve().parent / cfg.ledger,
-                                 cfg.policy.max_releases_per_day)
+                                 cfg.policy.max_releases_per_day, cfg.policy.privacy.max_delta)
     return NodeReport(
         site=cfg.site or "site", running=pid is not None, pid=pid, status=status,
         runs=[r.model_dump() for r in last_runs(nf.service.dir / SITE_LOG, runs)],
@@ -325,13 +325,15 @@ def node_report(node_file: Path, runs: int = 5) -> NodeReport:
     )
 
 
-def _ledger_summary(path: Path, per_day: int) -> dict:
-    from client.ledger import DAY_S, ReleaseLedger, spent_epsilon
+def _ledger_summary(path: Path, per_day: int, delta: float) -> dict:
+    from client.ledger import DAY_S, ReleaseLedger, rho_spent
+    from common.dp.accounting import epsilon_of_rho
 
     entries = ReleaseLedger(path).entries() if path.exists() else []
     now = time.time()
     return {
-        "epsilon_spent": spent_epsilon(ReleaseLedger(path), 1e-6) if entries else 0.0,
+        "epsilon_spent": epsilon_of_rho(rho_spent(entries), delta),
+        "delta": delta,
         "path": str(path),
         "releases": len(entries),
         "runs": len({e.run for e in entries}),
@@ -373,8 +375,8 @@ def report_lines(report: NodeReport) -> list[str]:
         lines.append(
             f"ledger {led['path']}: {led['releases']} releases in {led['runs']} runs, "
             f"{led['last_24h']} of {led['max_per_day']} in the last 24 h, "
-            f"last {when(led['last'])}, privacy spent ε {led.get('epsilon_spent', 0.0):.3g} "
-            "(δ 1e-6)"
+            f"last {when(led['last'])}, privacy spent ε {led['epsilon_spent']:.3g} "
+            f"(δ {led['delta']:.0e})"
         )
     return lines
 

@@ -135,8 +135,10 @@ def wait_for_report(
                 time.sleep(2.0)  # the ServerApp's last write
                 if _newer(report_path, since):
                     continue
+                ended = status.partition(":")[2] or "finished"
                 write_failure_report(out, {
-                    "status": status.partition(":")[2] or "finished", "run_id": run_id,
+                    # Never "completed": a report without results is not a completed run.
+                    "status": "no-report" if ended == "completed" else ended, "run_id": run_id,
                     "stage": _last_stage(progress_path, since), "cause": f"flower:{status}",
                     "message": f"the run ended as {status} without writing a report "
                     "(stopped with flwr stop, or the ServerApp died)",

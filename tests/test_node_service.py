@@ -219,3 +219,24 @@ def test_superlink_wrapper_stops_flower_superlink_and_superexec(tmp_path):
     assert not (state / "superlink.pid").exists()
     assert "stopped (SIGTERM): the SuperLink and every process it started are gone" in \
         out.read_text()
+
+
+@pytest.mark.adversarial
+def test_the_site_log_keeps_coordinator_text_out(tmp_path):
+    """Values the coordinator chooses (a stage, a method) reach the site's log only when they
+    are plain codes: a forged value with a newline cannot add a line or fake an event."""
+    from client import site_log
+
+    path = tmp_path / "site.log"
+    saved = (list(site_log.log.handlers), site_log.log.propagate)
+    try:
+        site_log.configure(path, max_bytes=1 << 20, backups=1)
+        site_log.site_event("round", run=7, stage="tune\nevent=finished run=9", method="a b",
+                            fold=0)
+    finally:
+        for h in site_log.log.handlers:
+            h.close()
+        site_log.log.handlers[:], site_log.log.propagate = saved
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1
+    assert lines[0].endswith("event=round run=7 stage=? method=? fold=0")
