@@ -380,7 +380,7 @@ def _check_ledger(cfg: NodeConfig, context: Context, instr: RoundInstructions, s
     release = release_of(instr, run=int(context.run_id), sites=sites)
     privacy = cfg.policy.privacy
     rule = ledger.check(release, cfg.policy.max_releases_per_day,
-                        budget=(privacy.max_epsilon_total, instr.privacy.delta))
+                        budget=(privacy.max_epsilon_total, privacy.max_delta))
     if rule is None and record:
         ledger.record(release)
     return rule

@@ -69,10 +69,10 @@ def check_count(policy: SitePolicy, per_round: int) -> str | None:
 def check_privacy(policy: SitePolicy, ann: Announcement) -> str | None:
     """The announced privacy against the site's: mode, (ε, δ) per run, assumed honest sites.
 
-    In distributed mode the noise is split over `honest_sites`: a coordinator that claims
-    many honest sites asks each for less noise, so the claim must lie between a strict
-    majority of the announced sites (the SecAgg+ guard's own floor) and `min_sites` at the
-    low end and the announced sites at the high end.
+    In distributed mode each site adds σ/√t for the t honest sites the run claims: a larger
+    claim means less noise per site, so a site accepts at most what it assumes itself, a
+    strict majority of the announced sites (at least its `min_sites`, never more than were
+    announced). A smaller claim only adds noise and is accepted.
     """
     from common.dp.settings import MODE_STRENGTH
 
@@ -83,9 +83,9 @@ def check_privacy(policy: SitePolicy, ann: Announcement) -> str | None:
         return None
     if got.epsilon > want.max_epsilon_per_run or got.delta > want.max_delta:
         return "dp:epsilon-above-policy"
-    floor = max(ann.sites // 2 + 1, policy.min_sites)
-    if got.mode == "distributed" and not floor <= got.honest_sites <= ann.sites:
-        return "dp:honest-sites-out-of-range"
+    trusted = min(ann.sites, max(ann.sites // 2 + 1, policy.min_sites))
+    if got.mode == "distributed" and got.honest_sites > trusted:
+        return "dp:honest-sites-above-policy"
     return None
 
 

@@ -62,7 +62,7 @@ def check_budget(cfg: NodeConfig, ann: Announcement) -> str | None:
     from common.dp.accounting import calibrate
 
     cal = calibrate(ann.privacy, 2 * ann.histogram.bins)
-    budget = (cfg.policy.privacy.max_epsilon_total, ann.privacy.delta)
+    budget = (cfg.policy.privacy.max_epsilon_total, cfg.policy.privacy.max_delta)
     if ReleaseLedger(cfg.ledger).charge_would_exceed(cal.rho_run, budget):
         return "dp:budget-exhausted"
     return None

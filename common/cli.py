@@ -102,7 +102,8 @@ def score(
             run_parity(lm, tokenizer, records, max_patient_tokens, chat_template, advance)
             if parity
             else run_scorer(
-                lm, tokenizer, records, batch_tokens, max_patient_tokens, chat_template, advance
+                lm, tokenizer, records, batch_tokens, max_patient_tokens, chat_template, advance,
+                hard=hard,
             )
         )
     elapsed = time.perf_counter() - start

@@ -193,11 +193,12 @@ class TuningRecipe(BaseModel):
 
     def privacy_terms(self, announced_sites: int) -> PrivacySettings:
         """The run's privacy as announced: fixed at the announcement for every round. The
-        distributed noise assumes the SecAgg+ threshold of the announced sites is honest (a
-        sum never has fewer sites: SecAgg+ fails below its threshold, and sites refuse)."""
+        distributed noise assumes a strict majority of the announced sites (at least
+        `min_sites`) is honest, which is also the least a SecAgg+ round must sum (its
+        threshold is raised to it, and sites refuse smaller sums)."""
         p = self.privacy
         honest = (
-            self.secagg.threshold_for(announced_sites, self.min_sites)
+            min(announced_sites, max(announced_sites // 2 + 1, self.min_sites))
             if p.mode == "distributed" else 1
         )
         return PrivacySettings(

@@ -26,7 +26,7 @@ def _run(tiny_parents, privacy: dict, site_privacy: str):
         101 + i: {
             "data": DATA, "parent-a": str(a), "parent-b": str(b), "split": "region",
             "sim-sites": 3, "sim-index": i, "min-cohort": 5, "min-positives": 1,
-            "privacy": site_privacy,
+            "privacy": site_privacy, "max-epsilon-per-run": 32.0,
         }
         for i in range(3)
     }
@@ -49,9 +49,11 @@ def exact(tiny_parents):
 def test_a_private_run_releases_noisy_sums_and_states_its_guarantee(tiny_parents, exact, mode):
     from common.dp.accounting import calibrate
 
-    noisy = _run(tiny_parents, {"mode": mode, "epsilon": 4.0}, mode)
+    # A large ε: the test checks the mechanics; on 90 tuning stays a small ε can drive a
+    # noisy class total to zero, which is then reported as no AUROC.
+    noisy = _run(tiny_parents, {"mode": mode, "epsilon": 32.0}, mode)
     p = noisy.privacy
-    assert p["mode"] == mode and p["epsilon"] <= 4.0 and p["delta"] == 1e-6
+    assert p["mode"] == mode and p["epsilon"] <= 32.0 and p["delta"] == 1e-6
     assert p["releases_per_fold"] == 3
     assert p["honest_sites"] == (3 if mode == "distributed" else 1)
     terms = noisy.recipe.privacy_terms(3)
@@ -72,7 +74,11 @@ def test_a_private_run_releases_noisy_sums_and_states_its_guarantee(tiny_parents
         # The interval is wider than the exact run's: it carries the noise.
         assert m.auroc_ci[1] - m.auroc_ci[0] > e.metrics.auroc_ci[1] - e.metrics.auroc_ci[0]
     assert differ == len(exact.tune)
-    assert noisy.lambda_star in [r.candidate for r in noisy.tune]
+    # λ* is the smoothed-curve rule's choice from the noisy curve, not the plain argmax's.
+    from server.search import Evaluation, best_within_noise
+
+    curve = [Evaluation(r.candidate, r.metrics, r.round) for r in noisy.tune]
+    assert noisy.lambda_star == best_within_noise(curve).candidate
 
 
 def test_a_site_requiring_noise_refuses_an_exact_run(tiny_parents):

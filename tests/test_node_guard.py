@@ -416,16 +416,17 @@ def test_probing_the_policy_is_rate_limited(tiny_parents, recipe):
 
 
 @pytest.mark.adversarial
-@pytest.mark.parametrize("honest", [2, 50], ids=["fewer-than-a-majority", "more-than-announced"])
+@pytest.mark.parametrize("honest", [4, 50], ids=["more-than-announced", "fifty-of-three"])
 def test_a_coordinator_cannot_shrink_the_noise_by_claiming_honest_sites(tiny_parents, recipe,
                                                                         honest):
-    """Distributed noise is split over the honest sites the run claims: claiming 50 of 3 (or
-    fewer than a strict majority) would have each site add too little. Refused before scoring."""
+    """Distributed noise is split over the honest sites the run claims: claiming more than a
+    strict majority of the 3 announced sites (here min_sites = 3 of 3) would have each site add
+    too little. Refused before scoring."""
     grid = _grid(tiny_parents, tamper=_edit_request(
         None, lambda d: d["privacy"].update(honest_sites=honest)))
     accepted, _ = announce(grid, recipe, NODES)
     assert not accepted
-    assert set(_codes(grid).values()) == {"dp:honest-sites-out-of-range"}
+    assert set(_codes(grid).values()) == {"dp:honest-sites-above-policy"}
     _still_serves(grid, recipe)
 
 

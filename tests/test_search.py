@@ -128,3 +128,26 @@ def test_best_of_breaks_ties_by_auprc_then_order():
         PooledMetrics(n=1, positives=1, auroc=0.7, auprc=0.5, auroc_error_bound=0, auroc_ci=None),
     )
     assert best_of([a, b, c]).candidate == 0.4
+
+
+def _noisy(auroc: float, sd: float):
+    from common.metrics import PooledMetrics
+
+    return PooledMetrics(n=100, positives=20, auroc=auroc, auprc=0.5, auroc_error_bound=0.0,
+                         auroc_ci=(auroc - 0.1, auroc + 0.1), noise_sd=sd)
+
+
+def test_best_within_noise_takes_the_smoothed_peak_and_only_under_noise():
+    from server.search import Evaluation, best_within_noise
+
+    # A lone noisy spike at 0.2 against a broad peak at 0.8: the smoothed curve picks 0.8.
+    curve = [0.60, 0.62, 0.75, 0.61, 0.64, 0.66, 0.70, 0.72, 0.73, 0.72, 0.70]
+    lams = [i / 10 for i in range(11)]
+    evals = [Evaluation(lam, _noisy(a, 0.02)) for lam, a in zip(lams, curve, strict=True)]
+    assert best_within_noise(evals).candidate == 0.8
+    # The best at an end stays at the end (the end's mean is over two points).
+    rising = [Evaluation(lam, _noisy(0.5 + lam / 10, 0.02)) for lam in lams]
+    assert best_within_noise(rising).candidate == 1.0
+    # Without noise it is the plain best, spike included.
+    exact = [Evaluation(lam, _noisy(a, 0.0)) for lam, a in zip(lams, curve, strict=True)]
+    assert best_within_noise(exact).candidate == 0.2

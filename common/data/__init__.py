@@ -94,7 +94,7 @@ def _mimic4(spec: DataSpec) -> list[PatientRecord]:
         "bucket": spec.int_option("bucket", 2),
         "pred_window": spec.int_option("pred_window", 0, minimum=0),
         "outlier": spec.float_option("outlier", 98.0),
-        "outlier_low": float(spec.option("outlier_low", "0") or 0),
+        "outlier_low": spec.option("outlier_low", "0") or 0,  # pydantic checks the number
         "icd_map": spec.options.get("icd_map") or None,
         "demographics": demographics,
     }

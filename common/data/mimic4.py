@@ -361,10 +361,13 @@ def load_mimic4(
     if not directory.is_dir():
         raise FedmergeError(f"{directory}: MIMIC-IV directory not found")
     paths = _tables(directory)
-    files = list(paths.values()) + ([Path(settings.icd_map).expanduser()]
-                                    if settings.icd_map else [])  # fmt: skip
+    icd_map = Path(settings.icd_map).expanduser() if settings.icd_map else None
+    if icd_map is not None and not icd_map.is_file():
+        raise FedmergeError(f"data spec mimic4:{directory}: option 'icd_map': {icd_map} is not "
+                            "a file (expected the pipeline's ICD-9 to ICD-10 mapping, TSV)")
+    files = list(paths.values()) + ([icd_map] if icd_map is not None else [])
     store = cohort_cache.cache_dir(directory, cache)
-    key = cohort_cache.cache_key(SOURCE, files, settings.model_dump())
+    key = cohort_cache.cache_key(SOURCE, files, settings.model_dump()) if store else ""
     table = cohort_cache.read_cached(store, key)
     if table is not None:
         progress.say(f"{SOURCE}: cohort from cache {store / key}.parquet")

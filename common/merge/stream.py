@@ -255,8 +255,10 @@ def choose_placement(requested: str, device_type: str, parent_bytes: int,
     `requested` is auto, device or host; auto keeps them on the GPU only when they fit in the
     free memory with a margin of max(2 GiB, 10 % of the device).
     """
-    if device_type != "cuda":
+    if device_type == "cpu":
         return "mapped", "CPU: parents are read from their memory-mapped files"
+    if device_type != "cuda":
+        return "device", f"{device_type}: parents copied to the device (no free-memory query)"
     if requested == "device":
         return "device", "requested: parents on the device"
     if requested == "host":

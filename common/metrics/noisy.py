@@ -25,7 +25,15 @@ def _as_float(hist) -> np.ndarray:
 def noisy_metrics(pos, neg, noise_variance: float) -> PooledMetrics:
     """Metrics of noisy per-bin counts; `noise_variance` is the noise's variance per count."""
     p, q = _as_float(pos), _as_float(neg)
-    n_pos, n_neg = max(p.sum(), 1.0), max(q.sum(), 1.0)
+    if p.sum() <= 0 or q.sum() <= 0:
+        # A class whose noisy total is not positive: no AUROC, as pooled_metrics says for a
+        # single class (the coordinator stops a run whose tuning fold has none).
+        return PooledMetrics(
+            n=int(round(max(p.sum() + q.sum(), 0.0))), positives=int(round(max(p.sum(), 0.0))),
+            auroc=None, auprc=None, auroc_error_bound=0.0, auroc_ci=None,
+            noise_sd=float(np.sqrt(noise_variance)),
+        )
+    n_pos, n_neg = p.sum(), q.sum()
     clamped_p, clamped_q = np.clip(p, 0, None), np.clip(q, 0, None)
     neg_below = np.cumsum(q) - q
     pos_above = np.cumsum(p[::-1])[::-1] - p

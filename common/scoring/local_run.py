@@ -43,7 +43,8 @@ def load_model(model_dir: Path):
     return tokenizer, lm.to("cuda" if cuda else "cpu").eval()
 
 
-def run_scorer(lm, tokenizer, records, batch_tokens, max_patient_tokens, chat, advance):
+def run_scorer(lm, tokenizer, records, batch_tokens, max_patient_tokens, chat, advance,
+               hard: bool = False):
     """Exact metrics of this model's scores, and what a federation would see of them."""
     from common.metrics import exact_metrics
     from common.scoring import PromptTemplate, YesNoScorer, p_yes
@@ -57,20 +58,21 @@ def run_scorer(lm, tokenizer, records, batch_tokens, max_patient_tokens, chat, a
     metrics = exact_metrics(log_odds, prepared.labels)
     return {
         "metrics": metrics, "auprc": metrics.auprc, "p_yes": p_yes(log_odds),
-        "federated": federated_view(scorer, log_odds, prepared.labels, metrics),
+        "federated": federated_view(scorer, log_odds, prepared.labels, metrics, hard),
         "notes": {"truncated": prepared.truncated,
                   "padding": f"{100 * prepared.padding_fraction:.1f}%"},
     }
 
 
-def federated_view(scorer, log_odds, labels, exact) -> dict:
+def federated_view(scorer, log_odds, labels, exact, hard: bool = False) -> dict:
     """The binned figures a federation releases for these scores (the default 32 bins placed
-    by the public reference cohort, scored by the same model), with their error."""
+    by the public reference cohort, scored by the same model and sections), with their
+    error."""
     from common.data import load_records
     from common.metrics import FEDERATED_HISTOGRAM, pooled_metrics, score_histograms
 
     spec = FEDERATED_HISTOGRAM
-    reference = scorer.score(scorer.prepare(load_records(spec.reference)))
+    reference = scorer.score(scorer.prepare(load_records(spec.reference, hard=hard)))
     binned = pooled_metrics(
         *score_histograms(log_odds, labels, spec, spec.reference_edges(reference))
     )
