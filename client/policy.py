@@ -71,8 +71,7 @@ def check_privacy(policy: SitePolicy, ann: Announcement) -> str | None:
 
     In distributed mode each site adds σ/√t for the t honest sites the run claims: a larger
     claim means less noise per site, so a site accepts at most what it assumes itself, a
-    strict majority of the announced sites (at least its `min_sites`, never more than were
-    announced). A smaller claim only adds noise and is accepted.
+    strict majority of the announced sites. A smaller claim only adds noise and is accepted.
     """
     from common.dp.settings import MODE_STRENGTH
 
@@ -83,8 +82,7 @@ def check_privacy(policy: SitePolicy, ann: Announcement) -> str | None:
         return None
     if got.epsilon > want.max_epsilon_per_run or got.delta > want.max_delta:
         return "dp:epsilon-above-policy"
-    trusted = min(ann.sites, max(ann.sites // 2 + 1, policy.min_sites))
-    if got.mode == "distributed" and got.honest_sites > trusted:
+    if got.mode == "distributed" and got.honest_sites > ann.sites // 2 + 1:
         return "dp:honest-sites-above-policy"
     return None
 

@@ -70,8 +70,7 @@ REFUSAL_CODES = {
     "< local)",
     "dp:epsilon-above-policy": "an epsilon or delta per run above this site's cap",
     "dp:honest-sites-above-policy": "distributed noise that assumes more honest sites than a "
-    "strict majority of the announced sites (at least this site's min_sites): too little "
-    "noise per site",
+    "strict majority of the announced sites: too little noise per site",
     "dp:budget-exhausted": "a run whose privacy cost would exceed this site's total budget",
     "dp:releases-exhausted": "more candidate releases of one fold than the run announced",
     "dp:too-few-sites": "a distributed-noise sum over fewer sites than the run assumes honest",

@@ -193,14 +193,11 @@ class TuningRecipe(BaseModel):
 
     def privacy_terms(self, announced_sites: int) -> PrivacySettings:
         """The run's privacy as announced: fixed at the announcement for every round. The
-        distributed noise assumes a strict majority of the announced sites (at least
-        `min_sites`) is honest, which is also the least a SecAgg+ round must sum (its
-        threshold is raised to it, and sites refuse smaller sums)."""
+        distributed noise assumes a strict majority of the announced sites is honest, which
+        is also the least a SecAgg+ round must sum (its threshold is raised to it, and sites
+        refuse smaller sums)."""
         p = self.privacy
-        honest = (
-            min(announced_sites, max(announced_sites // 2 + 1, self.min_sites))
-            if p.mode == "distributed" else 1
-        )
+        honest = announced_sites // 2 + 1 if p.mode == "distributed" else 1
         return PrivacySettings(
             mode=p.mode, epsilon=p.epsilon, delta=p.delta, releases=self.max_releases(),
             honest_sites=honest,

@@ -420,8 +420,8 @@ def test_probing_the_policy_is_rate_limited(tiny_parents, recipe):
 def test_a_coordinator_cannot_shrink_the_noise_by_claiming_honest_sites(tiny_parents, recipe,
                                                                         honest):
     """Distributed noise is split over the honest sites the run claims: claiming more than a
-    strict majority of the 3 announced sites (here min_sites = 3 of 3) would have each site add
-    too little. Refused before scoring."""
+    strict majority (2) of the 3 announced sites would have each site add too little. Refused
+    before scoring."""
     grid = _grid(tiny_parents, tamper=_edit_request(
         None, lambda d: d["privacy"].update(honest_sites=honest)))
     accepted, _ = announce(grid, recipe, NODES)
