@@ -111,7 +111,7 @@ def test_plug_in_estimator_beats_clamping_and_its_interval_covers():
     # model with AUROC ≈ 0.87, 32 bins at quantiles of a separate reference sample, and the
     # noise of ε = 8 per run in distributed mode (11 releases, 2 honest of 3 sites).
     # Measured while writing this test: here clamping's bias (-0.13) dominates and the plug-in
-    # wins (mean |error| 0.075 vs 0.127); at AUROC ≈ 0.67 clamping's lower variance roughly
+    # wins (mean |error| 0.078 vs 0.106); at AUROC ≈ 0.67 clamping's lower variance roughly
     # offsets its bias (0.060 vs 0.065), so the plug-in's edge is its unbiasedness.
     rng = np.random.default_rng(5)
     sites, n_pos, n_neg = 3, 63, 259
@@ -128,7 +128,7 @@ def test_plug_in_estimator_beats_clamping_and_its_interval_covers():
     s = PrivacySettings(mode="distributed", epsilon=8.0, delta=DELTA, releases=11,
                         honest_sites=2)
     cal = calibrate(s, dims=2 * BINS)
-    seeds = 200
+    seeds = 600
     # Each site's release (site, class, bin) noised as the site would, then summed.
     noisy = noisy_counts(np.tile(release, (seeds, 1, 1, 1)), cal.sigma_site).sum(axis=1)
     plug, clamp, covered = [], [], 0
@@ -139,9 +139,12 @@ def test_plug_in_estimator_beats_clamping_and_its_interval_covers():
         covered += m.auroc_ci[0] <= true <= m.auroc_ci[1]
         assert m.noise_sd > 0
     plug, clamp = np.array(plug), np.array(clamp)
-    se = plug.std() / math.sqrt(seeds)
     # Clamping adds counts in the empty tails of both classes: ties that pull AUROC to 0.5.
     assert clamp.mean() < -0.05
-    assert abs(plug.mean()) < 4 * se < abs(clamp.mean())
-    assert np.abs(plug).mean() < 0.8 * np.abs(clamp).mean()
-    assert covered >= 0.9 * seeds
+    # The plug-in is unbiased but for its clip at 1 (11% of draws here): mean error ≈ +0.006.
+    assert abs(plug.mean()) < 0.025  # 6 standard errors
+    # Measured over 2,000 draws: mean |error| 0.078 against 0.106 (ratio 0.74; over blocks of
+    # 200 draws 0.68-0.81, so a 0.8 bound on 200 draws failed CI once). 600 draws and 0.9
+    # leave ~6 standard deviations.
+    assert np.abs(plug).mean() < 0.9 * np.abs(clamp).mean()
+    assert covered >= 0.9 * seeds  # measured 0.97
