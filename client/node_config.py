@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.dp.settings import DEFAULT_DELTA, DEFAULT_EPSILON, PrivacyMode
 from common.errors import FedmergeError, validation_error
-from common.metrics import FEDERATED_HISTOGRAM, HistogramSpec
+from common.metrics import HistogramSpec
 
 FAULT_PATTERN = (
     r"^(|drop|fail:(score|setup|share_keys|collect_masked_vectors|unmask)"
@@ -69,7 +69,9 @@ class SitePolicy(BaseModel):
     folds: int = Field(default=2, ge=2, le=10)
     fold_seed: int = 0
     score_folds: tuple[int, ...] = (0, 1)
-    histogram: HistogramSpec = FEDERATED_HISTOGRAM
+    # None: the federation's default for the announced privacy mode (32 reference bins exact,
+    # 16 with noise); either way one spec per mode, never the coordinator's choice.
+    histogram: HistogramSpec | None = None
     privacy: PrivacyPolicy = PrivacyPolicy()
     # Prompt templates this site scores: None is the paper's wording.
     templates: tuple[str | None, ...] = (None,)
@@ -201,13 +203,18 @@ def policy_to_flat(policy: SitePolicy) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, field in POLICY_KEYS.items():
         head, _, sub = field.partition(".")
-        value = getattr(getattr(policy, head), sub) if sub else getattr(policy, head)
+        parent = getattr(policy, head)
+        if parent is None:
+            continue  # a default that follows the run (the histogram spec): nothing to pin
+        value = getattr(parent, sub) if sub else parent
         if key in _LIST_KEYS:
             value = ",".join(str(v) for v in value)
         elif key == "templates":
             value = json.dumps(list(value))
         out[key] = value
     return out
+
+
 _SIM_KEYS = {"split": "split", "sim-sites": "sites", "sim-index": "index", "split-seed": "seed"}
 _FLOWER_KEYS = {"partition-id", "num-partitions"}
 

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from client.node_file import NodeFile
+from common.atomic_files import write_atomic
 from common.errors import FedmergeError
 
 PID_NAME = "node.pid"
@@ -172,11 +172,7 @@ def key_fingerprint(private_key: Path) -> str:
 
 
 def write_status(path: Path, status: NodeStatus) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".status.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(status.model_dump_json(indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, status.model_dump_json(indent=2) + "\n")
 
 
 def read_status(path: Path) -> NodeStatus | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from client.node_config import SitePolicy
+from common.metrics import HistogramSpec, default_histogram
 from common.protocol import (
     GROUPS,
     REFUSAL_CODES,
@@ -104,6 +105,13 @@ def check_terms(policy: SitePolicy, terms: RecipeTerms) -> str | None:
     return None
 
 
+def pinned_histogram(policy: SitePolicy, noisy: bool) -> HistogramSpec:
+    """The one spec this site releases in: its own, else the federation's default for the
+    announced mode. A function of the mode only, so the coordinator still cannot aim bins
+    (a decoy spec for the other sites) at one site."""
+    return policy.histogram or default_histogram(noisy)
+
+
 def check_announcement(
     policy: SitePolicy,
     ann: Announcement,
@@ -119,7 +127,7 @@ def check_announcement(
     """
     if not set(ann.score_folds) <= set(policy.score_folds):
         return "policy:fold-not-allowed"
-    if ann.histogram != policy.histogram:
+    if ann.histogram != pinned_histogram(policy, ann.privacy.on):
         return "policy:histogram-not-allowed"
     return first_refusal(
         check_sites(policy, ann.sites),

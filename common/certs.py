@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel
 
+from common.atomic_files import write_atomic
 from common.errors import FedmergeError
 
 CA_CERT = "ca.pem"
@@ -83,30 +82,15 @@ def _check_free(paths: list[Path], force: bool) -> None:
 
 
 def _write_atomic(path: Path, data: bytes, *, mode: int, force: bool) -> None:
-    """Temp sibling with the final mode from the start, then link/replace into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """With the final mode from the first byte; without --force never clobbers a file, even
+    one that appears meanwhile."""
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if `path` appeared meanwhile: never clobber
-            except FileExistsError:
-                raise FedmergeError(
-                    f"{path}: already exists; refusing to overwrite key material "
-                    "(pass --force to replace it)"
-                ) from None
-            os.unlink(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        write_atomic(path, data, mode=mode, overwrite=force)
+    except FileExistsError:
+        raise FedmergeError(
+            f"{path}: already exists; refusing to overwrite key material "
+            "(pass --force to replace it)"
+        ) from None
 
 
 def write_private(path: Path, data: bytes, *, force: bool = False) -> None:

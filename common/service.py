@@ -18,11 +18,11 @@ import logging.handlers
 import os
 import re
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from common.atomic_files import write_atomic
 from common.errors import FedmergeError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -79,13 +79,25 @@ def rotating_writer(path: Path, *, max_bytes: int, backups: int) -> Callable[[st
     return write
 
 
-def _running(pid: int) -> bool:
+def _running(pid: int, started: float | None = None) -> bool:
+    """Whether `pid` runs; with `started` (its create time as written in the PID file), also
+    whether it is still the same process: after a reboot or a long time the kernel reuses
+    pids, and a stale file must neither block a start nor make `stop` signal a stranger."""
     import psutil
 
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(proc.create_time() - started) < 0.01
     except psutil.Error:
         return False
+
+
+def _create_time(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).create_time()
 
 
 class PidFile:
@@ -96,12 +108,16 @@ class PidFile:
         self.path = Path(path)
 
     def pid(self) -> int | None:
-        """The pid written there if that process still runs, else None."""
+        """The pid written there if that very process still runs, else None. The file holds
+        the pid and the process's create time (a file with a pid alone, as written before,
+        is judged by the pid)."""
         try:
-            pid = int(self.path.read_text().split()[0])
+            fields = self.path.read_text().split()
+            pid = int(fields[0])
+            started = float(fields[1]) if len(fields) > 1 else None
         except (OSError, ValueError, IndexError):
             return None
-        return pid if _running(pid) else None
+        return pid if _running(pid, started) else None
 
     def claim(self, what: str, stop_hint: str) -> None:
         running = self.pid()
@@ -110,11 +126,8 @@ class PidFile:
                 f"{self.path}: {what} already runs from this folder (pid {running}); "
                 f"stop it first with `{stop_hint}`"
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".pid.", dir=self.path.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{os.getpid()}\n")
-        os.replace(tmp, self.path)
+        me = os.getpid()
+        write_atomic(self.path, f"{me} {_create_time(me):.3f}\n")
 
     def release(self) -> None:
         with contextlib.suppress(OSError, ValueError, IndexError):

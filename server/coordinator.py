@@ -109,7 +109,7 @@ def privacy_summary(recipe: TuningRecipe, announced_sites: int) -> dict:
         return out
     from common.dp.accounting import calibrate
 
-    cal = calibrate(terms, 2 * recipe.histogram.bins)
+    cal = calibrate(terms, 2 * recipe.histogram_spec.bins)
     out.update(
         epsilon=round(cal.epsilon, 6),
         epsilon_target=terms.epsilon,

@@ -20,14 +20,13 @@ benchmarks and docs out of the bundle (Flower caps it at 10 MB).
 from __future__ import annotations
 
 import fnmatch
-import os
 import shutil
-import tempfile
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from common.atomic_files import write_atomic
 from common.errors import FedmergeError
 from common.flower_runtime import check_host_port, flower_exe, format_flower_config
 
@@ -115,11 +114,7 @@ def write_connection(
         links["default"] = name
     # `default` must come first in its table for readability; TOML does not care.
     data["superlink"] = {"default": links.pop("default"), **links}
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".toml", dir=flwr_home)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(_toml_dump(data))
-    os.replace(tmp, path)
+    write_atomic(path, _toml_dump(data))
     return path
 
 
@@ -157,8 +152,8 @@ def recipe_run_config(recipe) -> dict[str, Any]:
     for key, path in RUN_KEYS.items():
         value = recipe
         for part in path:
-            value = getattr(value, part)
-        if value is None:
+            value = getattr(value, part) if value is not None else None
+        if value is None:  # unset (a histogram left to the privacy mode's default)
             continue
         if isinstance(value, tuple):
             value = ",".join(value)

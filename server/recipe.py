@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from common.dp.settings import DEFAULT_DELTA, DEFAULT_EPSILON, PrivacyMode, PrivacySettings
 from common.errors import FedmergeError, validation_error
-from common.metrics import FEDERATED_HISTOGRAM, HistogramSpec
+from common.metrics import HistogramSpec, default_histogram
 from common.protocol import GROUPS, Announcement, Candidate, RoundInstructions, ScoringSettings
 
 
@@ -125,7 +125,8 @@ class TuningRecipe(BaseModel):
     # Seconds one site may take to score ONE candidate (None: from the parents' size, see
     # `default_score_timeout`). A site slower than this is left out of that round.
     score_timeout: float | None = Field(default=None, gt=0, le=7 * 86_400)
-    histogram: HistogramSpec = FEDERATED_HISTOGRAM
+    # None: the federation's default for the privacy mode (`histogram_spec`).
+    histogram: HistogramSpec | None = None
     scoring: ScoringSettings = ScoringSettings()
     privacy: PrivacyRecipe = PrivacyRecipe()
 
@@ -166,6 +167,12 @@ class TuningRecipe(BaseModel):
         if not (self.fingerprint_a and self.fingerprint_b):
             raise FedmergeError("recipe: parent fingerprints are not set; call with_fingerprints()")
         return self.fingerprint_a, self.fingerprint_b
+
+    @property
+    def histogram_spec(self) -> HistogramSpec:
+        """The bins the run releases: the recipe's, else 32 reference bins for exact sums and
+        16 with noise (`common.metrics.default_histogram`)."""
+        return self.histogram or default_histogram(self.privacy.mode != "off")
 
     def fingerprint(self) -> str:
         """SHA-256 of everything that changes what sites compute (not paths, not timeouts)."""
@@ -222,7 +229,7 @@ class TuningRecipe(BaseModel):
             sites=sites,
             max_candidates_per_round=self.search.max_candidates_per_round,
             score_folds=(self.tune_fold, self.test_fold),
-            histogram=self.histogram,
+            histogram=self.histogram_spec,
         )
 
     def round_instructions(
@@ -237,7 +244,7 @@ class TuningRecipe(BaseModel):
             stage=stage,
             candidates=candidates,
             fold=self.tune_fold if stage == "tune" else self.test_fold,
-            histogram=self.histogram,
+            histogram=self.histogram_spec,
             sites=sites,
         )
 

@@ -20,11 +20,13 @@ def _lam(c):
     return dict(c) if isinstance(c, dict) else float(c)
 
 
-def _figures(r: CandidateResult) -> dict:
+def _figures(r: CandidateResult, smoothed: float | None = None) -> dict:
     m = r.metrics
     return {
         "lambda": _lam(r.candidate),
         "auroc": m.auroc,
+        # With noise: the curve's posterior mean at this λ (server.noisy_curve), which λ* uses.
+        "auroc_smoothed": smoothed,
         "auprc": m.auprc,
         "auroc_ci": list(m.auroc_ci) if m.auroc_ci is not None else None,
         "n": m.n,
@@ -38,7 +40,10 @@ def _figures(r: CandidateResult) -> dict:
 
 def report_dict(outcome: TuningOutcome) -> dict:
     """The JSON report: λ*, the tuning curve, the held-out figures, who took part."""
+    from server.noisy_curve import smoothed_aurocs
+
     recipe = outcome.recipe
+    smooth = smoothed_aurocs(outcome.tune) or [None] * len(outcome.tune)
     return {
         "lambda_star": _lam(outcome.lambda_star),
         "method": recipe.method,
@@ -57,9 +62,9 @@ def report_dict(outcome: TuningOutcome) -> dict:
             "tune": recipe.tune_fold,
             "test": recipe.test_fold,
         },
-        "histogram": recipe.histogram.model_dump(),
+        "histogram": recipe.histogram_spec.model_dump(),
         "privacy": outcome.privacy,
-        "tune": [_figures(r) for r in outcome.tune],
+        "tune": [_figures(r, v) for r, v in zip(outcome.tune, smooth, strict=True)],
         "test": {name: _figures(r) for name, r in outcome.test.items()},
         "accepted_sites": outcome.accepted_sites,
         "contributing_sites": outcome.contributing_sites,
@@ -82,6 +87,10 @@ def _plot(report: dict, path: Path) -> None:
     auroc = [t["auroc"] if t["auroc"] is not None else float("nan") for t in tune]
     auprc = [t["auprc"] if t["auprc"] is not None else float("nan") for t in tune]
     ax.plot(xs, auroc, "o-", label="AUROC (tuning fold)")
+    if any(t.get("auroc_smoothed") is not None for t in tune):
+        smooth = [t["auroc_smoothed"] if t["auroc_smoothed"] is not None else float("nan")
+                  for t in tune]
+        ax.plot(xs, smooth, "-", lw=2, alpha=0.7, label="AUROC through the noise (λ* rule)")
     ax.plot(xs, auprc, "s--", label="AUPRC (tuning fold)")
     star = report["lambda_star"]
     if not grouped:
@@ -148,7 +157,10 @@ def print_table(report: dict, console=None) -> None:
     console = console or Console()
     star = report["lambda_star"]
     table = Table(title=f"λ search on the tuning fold ({report['method']}, {report['search']})")
-    for col in ("λ", "AUROC", "95% CI", "AUPRC", "n", "positives", "sites"):
+    smoothed = any(t.get("auroc_smoothed") is not None for t in report["tune"])
+    columns = ("λ", "AUROC", *(("smoothed",) if smoothed else ()), "95% CI", "AUPRC", "n",
+               "positives", "sites")
+    for col in columns:
         table.add_column(col, justify="right" if col not in ("λ", "sites") else "left")
     for t in report["tune"]:
         ci = t["auroc_ci"]
@@ -156,6 +168,7 @@ def print_table(report: dict, console=None) -> None:
         table.add_row(
             _lam_text(t["lambda"]) + mark,
             _fmt(t["auroc"]),
+            *((_fmt(t["auroc_smoothed"]),) if smoothed else ()),
             "—" if ci is None else f"{ci[0]:.3f}–{ci[1]:.3f}",
             _fmt(t["auprc"]),
             str(t["n"]),

@@ -12,10 +12,10 @@ answered and the sites missing, by name. Only names, codes and counts: no site s
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
+
+from common.atomic_files import write_atomic
 
 PROGRESS_NAME = "progress.json"
 REPORT_NAME = "report.json"
@@ -23,11 +23,7 @@ REPORT_NAME = "report.json"
 
 def write_json(path: Path, payload: dict) -> None:
     """Atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def cause_of(message: str) -> str:

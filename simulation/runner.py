@@ -93,10 +93,11 @@ def run_simulation(
         else:
             fields[key] = value
     recipe = validate_recipe(fields, source="simulation recipe")
+    spec = recipe.histogram_spec
     run_keys = {
         "data": data, "split": split, "split-seed": split_seed,
-        "bins": recipe.histogram.bins, "lo": recipe.histogram.lo, "hi": recipe.histogram.hi,
-        "bin-placement": recipe.histogram.placement, "bin-reference": recipe.histogram.reference,
+        "bins": spec.bins, "lo": spec.lo, "hi": spec.hi,
+        "bin-placement": spec.placement, "bin-reference": spec.reference,
         "privacy": recipe.privacy.mode, "epsilon": recipe.privacy.epsilon,
         "delta": recipe.privacy.delta,
         "fold-seed": recipe.fold_seed, "template": recipe.scoring.template or "",

@@ -245,8 +245,10 @@ def test_killed_site_is_a_dropout_and_the_run_completes(faults):
     privacy = report["privacy"]
     assert privacy["mode"] == "distributed" and privacy["epsilon"] <= 8.0
     assert privacy["honest_sites"] == 3  # a strict majority of the 5 announced sites
+    assert report["histogram"]["bins"] == 16  # the default with noise on
+    tolerance = _n_tolerance(privacy, len(live), report["histogram"]["bins"])
     for fig in report["tune"]:
-        assert abs(fig["n"] - faults["live_tune_n"]) <= _n_tolerance(privacy, len(live)), fig
+        assert abs(fig["n"] - faults["live_tune_n"]) <= tolerance, fig
         assert fig["sites"] == live
     first = report["rounds"][0]
     assert first["failed"] == [site_of[KILLED]] and first["sites"] == live
@@ -298,7 +300,7 @@ def test_run_after_a_stop_completes_with_the_same_nodes(faults):
     # hospital-e's node id may still be listed online when C starts; nothing else refuses.
     assert all(r["site"].startswith("node-") for r in report["refusals"]), report["refusals"]
     assert len(report["tune"]) == 3
-    tolerance = _n_tolerance(report["privacy"], len(live))
+    tolerance = _n_tolerance(report["privacy"], len(live), report["histogram"]["bins"])
     assert all(abs(fig["n"] - faults["live_tune_n"]) <= tolerance for fig in report["tune"])
     assert report["lambda_star"] is not None
 
@@ -347,7 +349,7 @@ def test_stop_all_reaches_a_process_that_left_the_group(tmp_path):
     assert not alive(child) and not alive(leader.pid)
 
 
-def _n_tolerance(privacy: dict, summed_sites: int, bins: int = 32) -> float:
+def _n_tolerance(privacy: dict, summed_sites: int, bins: int) -> float:
     """Six standard deviations of the noise in a noisy n (2 x bins counts, each carrying
     `summed_sites` site draws of scale sigma_site)."""
     return 6.0 * (2 * bins * summed_sites) ** 0.5 * privacy["sigma_site"]

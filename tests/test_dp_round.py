@@ -15,7 +15,8 @@ NODES = [101, 102, 103]
 DATA = "synthetic:sites=3,stays=60/60/60,seed=4"
 
 
-def _run(tiny_parents, privacy: dict, site_privacy: str):
+def _run(tiny_parents, privacy: dict, site_privacy: str, bins: int | None = None):
+    """`bins`: name the spec on both sides; None leaves both to the mode's default."""
     from flwr.app import Context, RecordDict
 
     from server.coordinator import run_tuning
@@ -27,12 +28,14 @@ def _run(tiny_parents, privacy: dict, site_privacy: str):
             "data": DATA, "parent-a": str(a), "parent-b": str(b), "split": "region",
             "sim-sites": 3, "sim-index": i, "min-cohort": 5, "min-positives": 1,
             "privacy": site_privacy, "max-epsilon-per-run": 32.0,
+            **({"bins": bins, "bin-placement": "reference"} if bins else {}),
         }
         for i in range(3)
     }
     recipe = TuningRecipe(
         parent_a=str(a), parent_b=str(b), method="linear", scoring={"max_patient_tokens": 64},
         search={"strategy": "grid", "grid_points": 3}, privacy=privacy,
+        histogram={"bins": bins, "placement": "reference"} if bins else None,
     )
     apps = {n: node_app.make_client_app() for n in configs}
     grid = CoordinatorGrid(LoopbackGrid(apps, configs))
@@ -42,7 +45,8 @@ def _run(tiny_parents, privacy: dict, site_privacy: str):
 
 @pytest.fixture(scope="module")
 def exact(tiny_parents):
-    return _run(tiny_parents, {"mode": "off"}, "off")
+    # Exact sums over the bins a noisy run uses by default (16), to compare count by count.
+    return _run(tiny_parents, {"mode": "off"}, "off", bins=16)
 
 
 @pytest.mark.parametrize("mode", ["distributed", "local"])
@@ -58,7 +62,8 @@ def test_a_private_run_releases_noisy_sums_and_states_its_guarantee(tiny_parents
     assert p["releases_per_fold"] == 3
     assert p["honest_sites"] == (2 if mode == "distributed" else 1)  # a majority of 3
     terms = noisy.recipe.privacy_terms(3)
-    cal = calibrate(terms, 64)
+    assert noisy.recipe.histogram_spec.bins == 16  # the default with noise on
+    cal = calibrate(terms, 2 * 16)
     assert p["sigma_site"] == pytest.approx(cal.sigma_site, rel=1e-6)
     # Local noise is the full scale at every site; distributed splits it over the 2 honest.
     assert cal.sigma_site == pytest.approx(
@@ -73,8 +78,8 @@ def test_a_private_run_releases_noisy_sums_and_states_its_guarantee(tiny_parents
         m = r.metrics
         assert m.noise_sd > 0
         if m.auroc is None:
-            # Distributed noise has variance ≥ 1 per count, so over 32 bins a class total of
-            # 16 deaths is ≤ 0 in ~0.4% of draws: that sum reports no AUROC, as the rule says.
+            # Distributed noise has variance ≥ 1 per count, so over 16 bins a class total of
+            # 16 deaths can be ≤ 0 (rarely): that sum reports no AUROC, as the rule says.
             assert min(r.histograms[0].sum(), r.histograms[1].sum()) <= 0
             continue
         assert m.auroc_ci[0] <= m.auroc <= m.auroc_ci[1]
@@ -88,6 +93,16 @@ def test_a_private_run_releases_noisy_sums_and_states_its_guarantee(tiny_parents
 
     curve = [Evaluation(r.candidate, r.metrics, r.round) for r in noisy.tune]
     assert noisy.lambda_star == best_within_noise(curve).candidate
+    # The report shows the curve the rule read: its posterior mean beside each raw AUROC.
+    from server.report import report_dict
+
+    report = report_dict(noisy)
+    smooth = [t["auroc_smoothed"] for t in report["tune"]]
+    if all(r.metrics.auroc is not None for r in noisy.tune):
+        assert all(v is not None for v in smooth)
+        best = max(range(len(smooth)), key=lambda i: smooth[i])
+        assert report["tune"][best]["lambda"] == noisy.lambda_star
+    assert [t["auroc_smoothed"] for t in report_dict(exact)["tune"]] == [None] * len(exact.tune)
 
 
 def test_a_site_requiring_noise_refuses_an_exact_run(tiny_parents):

@@ -94,8 +94,12 @@ def _still_serves(grid, recipe) -> None:
         # Any yes/no question about the records.
         (lambda d: d["scoring"].update(template="Is this patient HIV positive? {patient_data}"),
          "policy:template-not-allowed"),
+        # The bins of the other mode (32, for exact sums) under noise: each bin carries its
+        # own noise, so more bins than the noise was sized for; the spec follows the mode only.
+        (lambda d: d.update(histogram={"bins": 32, "placement": "reference"}),
+         "policy:histogram-not-allowed"),
     ],
-    ids=["decoy-histogram", "free-prompt"],
+    ids=["decoy-histogram", "free-prompt", "exact-bins-under-noise"],
 )
 def test_unbound_instructions_are_refused_at_the_announcement(tiny_parents, recipe, edit,
                                                                code):

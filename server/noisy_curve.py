@@ -1,0 +1,80 @@
+"""The tuning curve read through its privacy noise: a Gaussian-process posterior mean over λ.
+
+Why: with differential privacy on, each candidate's AUROC carries independent noise whose
+standard deviation the coordinator knows (`PooledMetrics.noise_sd`, from the announced noise
+scale), while a merge's true AUROC curve is smooth in λ. A Gaussian process with that noise as
+its per-point variance, a smooth (RBF) kernel and hyperparameters fitted by marginal likelihood
+borrows strength from neighbouring λ exactly as much as the noise calls for: almost none when
+the noise is small against the curve's variation (a large cohort), much when it is large. It
+is post-processing of released figures, so it costs no privacy.
+
+Measured against the previous rule (a 3-point moving mean) over 100 noise draws per setting
+(bench/privacy_accuracy.py's cohorts, distributed mode): eICU demo ε = 8, λ* regret 0.0118 →
+0.0070 (32 bins) and 0.0078 → 0.0040 (16 bins), mean |AUROC error| of the curve 0.054 (raw)
+→ 0.030 and 0.035 → 0.020; a 10,020-stay fold at ε = 8 no longer pays the moving mean's bias
+at a sharp peak (regret 0.0052 → 0.0031). The fit is deterministic (fixed optimiser restarts),
+so anyone re-reading report.json gets the same λ*.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from common.metrics import PooledMetrics
+
+# Bounds of the kernel's length scale in λ units: below 0.05 the curve could wiggle between
+# grid points; above 5 it is a straight line over [0, 1] anyway.
+LENGTH_SCALE_BOUNDS = (0.05, 5.0)
+AMPLITUDE_BOUNDS = (1e-6, 1.0)  # variance of AUROC around its mean along λ
+MIN_POINTS = 3
+
+
+class Evaluated(Protocol):
+    candidate: object
+    metrics: PooledMetrics
+
+
+def smoothed_aurocs(evals: Sequence[Evaluated]) -> list[float | None] | None:
+    """The posterior mean AUROC at each evaluation's λ (None where it has no AUROC), in the
+    order given; None when there is nothing to smooth: no noise, candidates that are not
+    single λ values (groups), or fewer than three λ with an AUROC."""
+    usable = [
+        i for i, e in enumerate(evals)
+        if isinstance(e.candidate, float | int) and not isinstance(e.candidate, bool)
+        and e.metrics.auroc is not None
+    ]
+    if len(usable) != len(evals) and any(
+        not isinstance(e.candidate, float | int) for e in evals
+    ):
+        return None
+    if len(usable) < MIN_POINTS or not all(evals[i].metrics.noise_sd > 0 for i in usable):
+        return None
+    lam = np.array([float(evals[i].candidate) for i in usable])
+    y = np.array([float(evals[i].metrics.auroc) for i in usable])
+    var = np.array([float(evals[i].metrics.noise_sd) ** 2 for i in usable])
+    fitted = _posterior_mean(lam, y, var)
+    out: list[float | None] = [None] * len(evals)
+    for i, v in zip(usable, fitted, strict=True):
+        out[i] = float(v)
+    return out
+
+
+def _posterior_mean(lam: np.ndarray, y: np.ndarray, var: np.ndarray) -> np.ndarray:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF, ConstantKernel
+
+    # A constant prior mean at the noise-weighted mean of the curve.
+    weights = 1.0 / var
+    centre = float((weights * y).sum() / weights.sum())
+    kernel = ConstantKernel(0.01, AMPLITUDE_BOUNDS) * RBF(0.3, LENGTH_SCALE_BOUNDS)
+    gp = GaussianProcessRegressor(kernel, alpha=var, n_restarts_optimizer=2, random_state=0)
+    with warnings.catch_warnings():
+        # A bound reached is an answer here (a flat curve, or one that noise hides).
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gp.fit(lam[:, None], y - centre)
+    return gp.predict(lam[:, None]) + centre
