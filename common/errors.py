@@ -12,6 +12,21 @@ class FedmergeError(Exception):
     """Bad input or a refused operation; the message names the file, field and what was expected."""
 
 
+class RunStopped(FedmergeError):
+    """A tuning run cannot go on. `cause` is a fixed code (report.json's `cause`, for scripts
+    and the terminal) and `nodes` the node ids it concerns (the sites missing), so nothing
+    downstream has to parse the English message, which stays for people."""
+
+    CAUSES = ("too-few-sites", "single-class", "secure-aggregation-error")
+
+    def __init__(self, message: str, *, cause: str, nodes=()) -> None:
+        if cause not in self.CAUSES:
+            raise ValueError(f"RunStopped: unknown cause {cause!r}")
+        super().__init__(message)
+        self.cause = cause
+        self.nodes = tuple(int(n) for n in nodes)
+
+
 def validation_error(source: str, exc: ValidationError, *, prefix: str = "") -> FedmergeError:
     """Pydantic's errors as one line naming `source` and every offending field, first first.
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 
-from common.errors import FedmergeError
+from common.errors import RunStopped
 from common.protocol import (
     FAILURE_PREFIX,
     INSTRUCTIONS_KEY,
@@ -71,14 +71,6 @@ def _reason_of(raw: str | None) -> str:
     """The code a site gave, without repeating its name; else the raw error, shortened."""
     refusal = Refusal.from_reason(raw)
     return refusal.reason if refusal is not None else describe_error(raw)
-
-
-def nodes_named_in(message: str, node_ids) -> list[int]:
-    """The node ids of `node_ids` that a message mentions (Flower's ids are long integers)."""
-    import re
-
-    mentioned = {int(x) for x in re.findall(r"\d+", message)}
-    return [n for n in node_ids if n in mentioned]
 
 
 def with_site_names(message: str, missing: list[int], site_of: Callable[[int], str]) -> str:
@@ -194,9 +186,10 @@ def run_tuning(
     emit("announced", accepted=sorted(accepted.values()), refusals=refusals, nodes=accepted)
     if len(accepted) < recipe.min_sites:
         why = "; ".join(f"{r['site']}: {r['reason']}" for r in refusals) or "no refusals"
-        raise FedmergeError(
+        raise RunStopped(
             f"announcement: {len(accepted)} of {len(node_ids)} sites accepted, the recipe needs "
-            f"min_sites={recipe.min_sites} ({why})"
+            f"min_sites={recipe.min_sites} ({why})", cause="too-few-sites",
+            nodes=[n for n in node_ids if n not in accepted],
         )
     live = sorted(accepted)  # the sites still taking part
     score_timeout = recipe.scoring_timeout()
@@ -263,9 +256,10 @@ def run_tuning(
                 f"; raise score_timeout in the recipe (now {score_timeout:g} s per candidate; "
                 "--timeout on fedmerge simulate)" if scored.slow else ""
             )
-            raise FedmergeError(
+            raise RunStopped(
                 f"{where}: {len(scored.ready)} of {len(asked)} sites finished scoring, the recipe "
-                f"needs min_sites={recipe.min_sites} ({detail or 'no answers'}){hint}"
+                f"needs min_sites={recipe.min_sites} ({detail or 'no answers'}){hint}",
+                cause="too-few-sites", nodes=[n for n in asked if n not in scored.ready],
             )
         emit("secagg_start", round=rnd, stage=stage, sites=len(scored.ready))
         secagg_started = time.perf_counter()
@@ -278,10 +272,11 @@ def run_tuning(
                 grid, context, node_ids=scored.ready, instructions=instr,
                 settings=recipe.secagg, min_sites=floor,
             )
-        except FedmergeError as exc:  # it names nodes by id: name the sites too
-            missing = nodes_named_in(str(exc), scored.ready)
+        except RunStopped as exc:  # it names nodes by id: name the sites too
+            missing = [n for n in exc.nodes if n in scored.ready]
             emit("secagg_failed", round=rnd, missing=sorted(site_of(n) for n in missing))
-            raise FedmergeError(with_site_names(str(exc), missing, site_of)) from None
+            raise RunStopped(with_site_names(str(exc), missing, site_of), cause=exc.cause,
+                             nodes=missing) from None
         for nid, raw in outcome.failures.items():
             lose(nid, rnd, raw)
         sites = sorted(site_of(n) for n in outcome.contributors)
@@ -324,9 +319,9 @@ def run_tuning(
     search = make_search(recipe.search, recipe.groups)
     history: list[Evaluation] = run_search(search, evaluate, recipe.search.max_candidates_per_round)
     if all(e.metrics.auroc is None for e in history):
-        raise FedmergeError(
+        raise RunStopped(
             "tuning fold: the pooled data has a single class, so AUROC is undefined; expected "
-            "both outcomes among the contributing sites"
+            "both outcomes among the contributing sites", cause="single-class",
         )
     # Without noise the best AUROC; with noise the best of the λ-smoothed curve (search.py).
     star = best_within_noise(history).candidate

@@ -26,20 +26,6 @@ def write_json(path: Path, payload: dict) -> None:
     write_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
-def cause_of(message: str) -> str:
-    """A stable code for why a run stopped (the message stays alongside it)."""
-    text = message.lower()
-    if "single class" in text:
-        return "single-class"
-    if "secure aggregation failed" in text:
-        return "secure-aggregation-error"
-    if "secure aggregation halted" in text or "sites accepted" in text or (
-        "finished scoring" in text or "sites ready" in text
-    ):
-        return "too-few-sites"
-    return "error"
-
-
 class RunTracker:
     """The coordinator's `on_event`: keeps `progress.json` and knows the failure's context."""
 
@@ -102,8 +88,9 @@ class RunTracker:
             if not m.has_error() and m.metadata.src_node_id in self.nodes
         }
 
-    def failure(self, message: str) -> dict:
-        """report.json of a failed run, and progress.json marked failed."""
+    def failure(self, message: str, cause: str = "error") -> dict:
+        """report.json of a failed run, and progress.json marked failed. `cause`: the code
+        the run stopped with (`common.errors.RunStopped.cause`), else "error"."""
         st = self.state
         lost = {r["site"] for r in st["refusals"]} | {d["site"] for d in st["dropouts"]}
         if st["stage"] == "announcement":
@@ -118,7 +105,7 @@ class RunTracker:
             "status": "failed",
             "run_id": st["run_id"],
             "stage": st["stage"],
-            "cause": cause_of(message),
+            "cause": cause,
             "message": message,
             "rules": {r["site"]: r["reason"] for r in st["refusals"]},
             "expected_sites": st["expected_sites"],

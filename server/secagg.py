@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from common.errors import FedmergeError
+from common.errors import RunStopped
 from common.protocol import Refusal, RoundInstructions
 from common.secure_sum import SITE_WEIGHT, ExactSumSettings, decode_sum
 from server.grid import CoordinatorGrid
@@ -102,9 +102,9 @@ def secure_round(
     exact.check_sites(len(node_ids))
     where = f"round {instructions.round} ({instructions.stage})"
     if len(node_ids) < min_sites:
-        raise FedmergeError(
+        raise RunStopped(
             f"{where}: {len(node_ids)} sites ready for secure aggregation, the recipe needs "
-            f"min_sites={min_sites}"
+            f"min_sites={min_sites}", cause="too-few-sites",
         )
     shares = settings.shares_for(len(node_ids))
     threshold = settings.threshold_for(len(node_ids), min_sites)
@@ -138,9 +138,9 @@ def secure_round(
     try:
         workflow(grid, legacy)
     except Exception as exc:  # Flower's own checks on replies a site or attacker malformed
-        raise FedmergeError(
+        raise RunStopped(
             f"{where}: secure aggregation failed ({type(exc).__name__} in Flower's SecAgg+ "
-            "workflow); no result for this round"
+            "workflow); no result for this round", cause="secure-aggregation-error",
         ) from None
     finally:
         grid.message_ttl = None
@@ -157,10 +157,11 @@ def secure_round(
             detail += (
                 "; " if detail else ""
             ) + f"no answer within {settings.timeout:g} s from nodes {silent}"
-        raise FedmergeError(
+        raise RunStopped(
             f"{where}: secure aggregation halted, too few of the {len(node_ids)} sites "
             f"completed it (reconstruction threshold {threshold}); "
-            f"{detail or 'no reason reported'}"
+            f"{detail or 'no reason reported'}",
+            cause="too-few-sites", nodes=[*failures, *silent],
         )
     histograms = decode_sum(
         strategy.aggregate,

@@ -48,7 +48,7 @@ def make_server_app(
         recording = CoordinatorGrid(grid)
         if sink is not None:
             sink["grid"] = recording
-        from common.errors import FedmergeError
+        from common.errors import FedmergeError, RunStopped
 
         # A deployed run (no sink) keeps OUT/progress.json and leaves a report.json
         # whatever happens (server/run_progress.py).
@@ -73,7 +73,8 @@ def make_server_app(
             if tracker is not None:
                 from server.run_progress import write_failure_report
 
-                write_failure_report(out, tracker.failure(message))
+                cause = exc.cause if isinstance(exc, RunStopped) else "error"
+                write_failure_report(out, tracker.failure(message, cause))
             if sink is None or not isinstance(exc, FedmergeError):
                 raise
             sink["error"] = str(exc)  # the caller reports it as one line

@@ -22,7 +22,7 @@ def test_failed_announcement_names_stage_rule_and_sites(tmp_path):
     assert progress_line(progress).endswith(
         "announcement; 2 sites accepted, 1 refused or dropped; 0 round(s) done")
     report = tracker.failure("announcement: 2 of 3 sites accepted, the recipe needs min_sites=3"
-                             " (hospital-c: policy:min-cohort)")
+                             " (hospital-c: policy:min-cohort)", "too-few-sites")
     assert report["stage"] == "announcement" and report["cause"] == "too-few-sites"
     assert report["rules"] == {"hospital-c": "policy:min-cohort"}
     assert report["sites_answered"] == ["hospital-a", "hospital-b"]
@@ -45,7 +45,7 @@ def test_a_site_lost_in_a_round_is_named_missing(tmp_path):
     dropout = {"site": "c", "round": 1, "reason": "still scoring after 8 s per candidate"}
     tracker("site_lost", round=1, site="c", refusals=[], dropouts=[dropout])
     report = tracker.failure("round 1 (tune): 2 of 3 sites finished scoring, the recipe needs "
-                             "min_sites=3 (still scoring: c (0/3))")
+                             "min_sites=3 (still scoring: c (0/3))", "too-few-sites")
     assert report["stage"] == "round 1 (tune): scoring"
     assert report["sites_missing"] == ["c"] and report["sites_answered"] == ["a", "b"]
     assert report["dropouts"] == [dropout] and report["cause"] == "too-few-sites"
@@ -88,14 +88,18 @@ def test_submit_says_how_to_follow_stop_and_that_an_interrupted_wait_leaves_the_
 
 
 def test_a_halted_secure_round_names_the_missing_sites(tmp_path):
-    from server.coordinator import nodes_named_in, with_site_names
+    from common.errors import RunStopped
+    from server.coordinator import with_site_names
 
     names = {4611686018427387904: "hospital-a", 123456789012345: "hospital-b", 7: "hospital-c"}
-    message = ("round 2 (tune): secure aggregation halted, too few of the 3 sites completed it "
-               "(reconstruction threshold 3); node 123456789012345: site:failed; no answer "
-               "within 20 s from nodes [4611686018427387904]")
-    missing = nodes_named_in(message, list(names))
-    assert missing == [4611686018427387904, 123456789012345]  # not 7, nor the 2, 3 or 20
+    # As server.secagg raises it: the nodes travel with the error, never parsed from its text
+    # (where "7" or "3" could be taken for a node id).
+    stop = RunStopped("round 2 (tune): secure aggregation halted, too few of the 3 sites "
+                      "completed it (reconstruction threshold 3); node 123456789012345: "
+                      "site:failed; no answer within 20 s from nodes [4611686018427387904]",
+                      cause="too-few-sites", nodes=[123456789012345, 4611686018427387904])
+    message = str(stop)
+    missing = list(stop.nodes)
     assert with_site_names(message, missing, names.get).endswith(
         "; sites missing: hospital-a, hospital-b")
     tracker = RunTracker(tmp_path, run_id=9, expected_sites=3)
@@ -105,7 +109,7 @@ def test_a_halted_secure_round_names_the_missing_sites(tmp_path):
     tracker("round_start", round=2, stage="tune", candidates=[0.5])
     tracker("secagg_start", round=2, stage="tune", sites=3)
     tracker("secagg_failed", round=2, missing=["hospital-a", "hospital-b"])
-    report = tracker.failure(with_site_names(message, missing, names.get))
+    report = tracker.failure(with_site_names(message, missing, names.get), stop.cause)
     assert report["stage"] == "round 2 (tune): secure aggregation"
     assert report["sites_missing"] == ["hospital-a", "hospital-b"]
     assert report["sites_answered"] == ["hospital-c"] and report["cause"] == "too-few-sites"
