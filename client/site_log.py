@@ -11,7 +11,6 @@ writes it (`--site-log`) through a RotatingFileHandler; `fedmerge node status` r
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import re
 import time
 from pathlib import Path
@@ -47,14 +46,11 @@ class _UTCFormatter(logging.Formatter):
 
 def configure(path: Path, *, max_bytes: int, backups: int) -> None:
     """Send the site's lines to `path` only (plain text, UTC, rotated)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(
-        path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
-    )
-    handler.setFormatter(_UTCFormatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%SZ"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    from common.service import log_to_rotating_file
+
+    log_to_rotating_file(log, path, _UTCFormatter("%(asctime)s %(message)s",
+                                                  "%Y-%m-%dT%H:%M:%SZ"),
+                         max_bytes=max_bytes, backups=backups)
 
 
 def parse_line(line: str) -> dict[str, str] | None:

@@ -61,17 +61,25 @@ def plain(line: str) -> str:
     return ANSI_ESCAPE.sub("", line)
 
 
-def rotating_writer(path: Path, *, max_bytes: int, backups: int) -> Callable[[str], None]:
-    """A line sink writing `path` as plain text, rotated at `max_bytes` with `backups` files."""
+def log_to_rotating_file(logger: logging.Logger, path: Path, formatter: logging.Formatter, *,
+                         max_bytes: int, backups: int) -> None:
+    """Make `path` the logger's only destination: plain text, rotated at `max_bytes` with
+    `backups` old files, never passed up to the root logger (so never to the terminal)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.handlers.RotatingFileHandler(
         path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
     )
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger(f"fedmerge.output.{path.resolve()}")
+    handler.setFormatter(formatter)
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def rotating_writer(path: Path, *, max_bytes: int, backups: int) -> Callable[[str], None]:
+    """A line sink writing `path` as plain text, rotated at `max_bytes` with `backups` files."""
+    logger = logging.getLogger(f"fedmerge.output.{path.resolve()}")
+    log_to_rotating_file(logger, path, logging.Formatter("%(message)s"), max_bytes=max_bytes,
+                         backups=backups)
 
     def write(line: str) -> None:
         logger.info(plain(line))
