@@ -266,6 +266,39 @@ def test_wrong_type_names_table_and_column(mimic_copy):
         load_records(f"mimic4:{mimic_copy}")
 
 
+def test_chart_error_wins_when_tables_read_side_by_side_both_fail(mimic_copy):
+    # chartevents and the other event tables are read concurrently; the report stays the same.
+    chart = [dict(ROWS["icu/chartevents"][0], charttime="yesterday")]
+    write_table(mimic_copy / "icu" / "chartevents.csv.gz", COLUMNS["icu/chartevents"].split(),
+                chart)  # fmt: skip
+    inputs = ROWS["icu/inputevents"] + [dict(ROWS["icu/inputevents"][0], amount="lots")]
+    write_table(mimic_copy / "icu" / "inputevents.csv", COLUMNS["icu/inputevents"].split(),
+                inputs)  # fmt: skip
+    for _ in range(3):
+        with pytest.raises(FedmergeError, match=r"chartevents\.csv\.gz: line 2, column "
+                           r"'charttime': 'yesterday' is not a timestamp"):  # fmt: skip
+            load_records(f"mimic4:{mimic_copy}?cache=off")
+
+
+def test_records_are_built_with_the_collector_paused_then_restored():
+    import gc
+
+    from common.data.cohort_cache import paused_gc
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), paused_gc():
+        assert not gc.isenabled()
+        raise RuntimeError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()  # a caller's own choice is left as it was
+    finally:
+        gc.enable()
+
+
 def test_unknown_item_names_table_and_column(mimic_copy):
     rows = [r for r in ROWS["icu/d_items"] if r["itemid"] != "226559"]
     write_table(mimic_copy / "icu" / "d_items.csv", COLUMNS["icu/d_items"].split(), rows)

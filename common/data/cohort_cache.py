@@ -15,11 +15,13 @@ and renamed, so a reader never sees half a cohort.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -81,7 +83,10 @@ def read_cached(directory: Path | None, key: str) -> pa.Table | None:
     if not path.is_file():
         return None
     try:
-        return pq.read_table(path)
+        # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose first
+        # import alone (about 0.15 s) was a sixth of a 40k-stay cached load.
+        with pq.ParquetFile(path) as parquet:
+            return parquet.read()
     except (OSError, pa.ArrowException):
         return None  # a damaged cache is only a slower load, never an error
 
@@ -120,13 +125,33 @@ def records_to_table(records: list[PatientRecord]) -> pa.Table:
     })  # fmt: skip
 
 
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Keep the cyclic garbage collector off while a cohort's records are built.
+
+    A 40,000-stay cohort is about 200,000 small pydantic objects. Each allocation burst past
+    CPython's generation-0 threshold starts a collection that walks the young objects, and
+    the older generations get walked again and again as the list grows: measured, that made
+    building the records two to three times slower than the work itself. The records hold no
+    reference cycles, so nothing is left to collect; the collector resumes on exit.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def table_to_records(table: pa.Table) -> list[PatientRecord]:
     columns = [table.column(c).to_pylist()
                for c in ("stay_id", "site_id", "label", "names", "texts", "numeric")]  # fmt: skip
     records = []
-    for stay_id, site_id, label, names, texts, numeric in zip(*columns, strict=True):
-        sections = tuple(Section(name=n, text=t, numeric=k)
-                         for n, t, k in zip(names, texts, numeric, strict=True))  # fmt: skip
-        records.append(PatientRecord(stay_id=stay_id, site_id=site_id, label=label,
-                                     text=" ".join(t for t in texts), sections=sections))
+    with paused_gc():
+        for stay_id, site_id, label, names, texts, numeric in zip(*columns, strict=True):
+            sections = tuple(Section(name=n, text=t, numeric=k)
+                             for n, t, k in zip(names, texts, numeric, strict=True))  # fmt: skip
+            records.append(PatientRecord(stay_id=stay_id, site_id=site_id, label=label,
+                                         text=" ".join(t for t in texts), sections=sections))
     return records
