@@ -117,13 +117,14 @@ STAGE_PLAIN = "plain"
 
 
 def recipe_shape() -> tuple[int, int]:
-    """(candidates per round, bins) of the default recipe's grid search."""
+    """(candidates per round, bins) of the default recipe's grid search, at the larger of the
+    two default specs (32 bins for exact sums; runs with noise use 16, a shorter vector)."""
+    from common.metrics import FEDERATED_HISTOGRAM
     from server.recipe import TuningRecipe
 
-    fields = TuningRecipe.model_fields
-    search = fields["search"].default
+    search = TuningRecipe.model_fields["search"].default
     candidates = min(search.grid_points, search.max_candidates_per_round)
-    return candidates, fields["histogram"].default.bins
+    return candidates, FEDERATED_HISTOGRAM.bins
 
 
 def site_histograms(node_id: int, rnd: int, candidates: int, bins: int):

@@ -26,6 +26,13 @@ class RunStopped(FedmergeError):
         self.cause = cause
         self.nodes = tuple(int(n) for n in nodes)
 
+    def __reduce__(self):  # keyword-only fields: rebuild explicitly (pickle, copy)
+        return _rebuild_run_stopped, (str(self), self.cause, self.nodes)
+
+
+def _rebuild_run_stopped(message: str, cause: str, nodes: tuple[int, ...]) -> RunStopped:
+    return RunStopped(message, cause=cause, nodes=nodes)
+
 
 def validation_error(source: str, exc: ValidationError, *, prefix: str = "") -> FedmergeError:
     """Pydantic's errors as one line naming `source` and every offending field, first first.

@@ -88,7 +88,7 @@ def rotating_writer(path: Path, *, max_bytes: int, backups: int) -> Callable[[st
 
 
 def _running(pid: int, started: float | None = None) -> bool:
-    """Whether `pid` runs; with `started` (its create time as written in the PID file), also
+    """Whether `pid` runs; with `started` (its start as written in the PID file), also
     whether it is still the same process: after a reboot or a long time the kernel reuses
     pids, and a stale file must neither block a start nor make `stop` signal a stranger."""
     import psutil
@@ -97,15 +97,24 @@ def _running(pid: int, started: float | None = None) -> bool:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        return started is None or abs(proc.create_time() - started) < 0.01
+        return started is None or abs(_started_after_boot(proc) - started) < 0.05
     except psutil.Error:
         return False
+
+
+def _started_after_boot(proc) -> float:
+    """Seconds from boot to the process's start. Not its wall-clock start time: psutil
+    derives that from the current boot time, which moves when the clock is stepped (NTP after
+    boot, a VM resumed), while the kernel's tick count since boot does not."""
+    import psutil
+
+    return proc.create_time() - psutil.boot_time()
 
 
 def _create_time(pid: int) -> float:
     import psutil
 
-    return psutil.Process(pid).create_time()
+    return _started_after_boot(psutil.Process(pid))
 
 
 class PidFile:

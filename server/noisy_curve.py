@@ -32,6 +32,7 @@ from common.metrics import PooledMetrics
 LENGTH_SCALE_BOUNDS = (0.05, 5.0)
 AMPLITUDE_BOUNDS = (1e-6, 1.0)  # variance of AUROC around its mean along λ
 MIN_POINTS = 3
+DIGITS = 6  # AUROC to 1e-6: far below any noise, above the fit's numerical jitter
 
 
 class Evaluated(Protocol):
@@ -54,13 +55,21 @@ def smoothed_aurocs(evals: Sequence[Evaluated]) -> list[float | None] | None:
         return None
     if len(usable) < MIN_POINTS or not all(evals[i].metrics.noise_sd > 0 for i in usable):
         return None
+    # Fitted in λ order whatever the order given: the coordinator (evaluation order) and the
+    # report (λ order) must read the same curve, to the last bit.
+    usable.sort(key=lambda i: (float(evals[i].candidate), i))
     lam = np.array([float(evals[i].candidate) for i in usable])
     y = np.array([float(evals[i].metrics.auroc) for i in usable])
     var = np.array([float(evals[i].metrics.noise_sd) ** 2 for i in usable])
-    fitted = _posterior_mean(lam, y, var)
+    try:
+        fitted = _posterior_mean(lam, y, var)
+    except (ValueError, np.linalg.LinAlgError):
+        return None  # λ* falls back to the best raw AUROC rather than losing the run
     out: list[float | None] = [None] * len(evals)
     for i, v in zip(usable, fitted, strict=True):
-        out[i] = float(v)
+        # Rounded: a curve the process finds flat differs only in the last bits, and a tie
+        # there must go to the higher raw AUROC, not to an endpoint on a 1e-9 trend.
+        out[i] = round(float(v), DIGITS)
     return out
 
 

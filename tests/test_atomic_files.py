@@ -14,9 +14,9 @@ from common.service import PidFile
 def test_write_replaces_whole_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "sub" / "status.json"
     write_atomic(path, "first\n")
-    write_atomic(path, b"second\n", mode=0o600)
+    write_atomic(path, b"second\n", mode=0o640)  # mkstemp's own mode is 0o600
     assert path.read_text() == "second\n"
-    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(path).st_mode & 0o777 == 0o640
     assert sorted(p.name for p in path.parent.iterdir()) == ["status.json"]
 
 
