@@ -50,38 +50,35 @@ def make_server_app(
             sink["grid"] = recording
         from common.errors import FedmergeError, RunStopped
 
-        # A deployed run (no sink) keeps OUT/progress.json and leaves a report.json
-        # whatever happens (server/run_progress.py).
-        tracker = None
-        events = on_event
-        if sink is None:
-            from server.run_progress import RunTracker
+        # Every run, deployed or simulated, keeps OUT/progress.json and leaves a report.json
+        # whatever happens (server/run_progress.py): a failed one names stage, cause, rules
+        # and the sites missing.
+        from server.run_progress import RunTracker
 
-            tracker = RunTracker(out, int(context.run_id), recording, sites)
+        tracker = RunTracker(out, int(context.run_id), recording, sites)
 
-            def events(kind: str, **info) -> None:
-                tracker(kind, **info)
-                if on_event is not None:
-                    on_event(kind, **info)
+        def events(kind: str, **info) -> None:
+            tracker(kind, **info)
+            if on_event is not None:
+                on_event(kind, **info)
 
         try:
             outcome = run_tuning(
                 recording, context, chosen, expected_sites=sites, on_event=events
             )
         except Exception as exc:
-            message = str(exc) if isinstance(exc, FedmergeError) else type(exc).__name__
-            if tracker is not None:
-                from server.run_progress import write_failure_report
+            from server.run_progress import write_failure_report
 
-                cause = exc.cause if isinstance(exc, RunStopped) else "error"
-                write_failure_report(out, tracker.failure(message, cause))
+            message = str(exc) if isinstance(exc, FedmergeError) else type(exc).__name__
+            cause = exc.cause if isinstance(exc, RunStopped) else "error"
+            report = write_failure_report(out, tracker.failure(message, cause))
             if sink is None or not isinstance(exc, FedmergeError):
                 raise
             sink["error"] = str(exc)  # the caller reports it as one line
+            sink["failure_report"] = report
             return
         write_report(outcome, out)
-        if tracker is not None:
-            tracker.finished()
+        tracker.finished()
         if sink is not None:
             sink["outcome"] = outcome
             sink["out"] = out

@@ -136,7 +136,7 @@ def simulate(
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from server.report import print_table, report_dict
-    from simulation.runner import run_simulation
+    from simulation.runner import SimulationFailed, run_simulation
 
     console = Console()
     progress = Progress(
@@ -188,21 +188,26 @@ def simulate(
                 progress.update(task, description=f"{info['stage']}: best AUROC so far {best:.3f}")
 
     with progress:
-        result = run_simulation(
-            data=data,
-            split=split,
-            sites=sites,
-            parents=parents,
-            method=method,
-            search=search,
-            out=out,
-            split_seed=seed,
-            recipe_fields=fields,
-            node_settings={"device": device, "dtype": dtype,
-                           "parent-placement": parent_placement},
-            on_event=on_event,
-            verbose=verbose,
-        )
+        try:
+            result = run_simulation(
+                data=data,
+                split=split,
+                sites=sites,
+                parents=parents,
+                method=method,
+                search=search,
+                out=out,
+                split_seed=seed,
+                recipe_fields=fields,
+                node_settings={"device": device, "dtype": dtype,
+                               "parent-placement": parent_placement},
+                on_event=on_event,
+                verbose=verbose,
+            )
+        except SimulationFailed as exc:
+            if exc.report is not None:
+                console.print(f"report: {exc.report}")
+            raise
     print_table(report_dict(result.outcome), console)
     console.print(f"report: {result.out / 'report.json'}  curve: {result.out / 'curve.png'}")
 

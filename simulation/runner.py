@@ -28,6 +28,21 @@ class SimulationResult:
     sites: list[str]
 
 
+
+class SimulationFailed(FedmergeError):
+    """The tuning run stopped; `report` is the report.json it left (stage, cause, sites)."""
+
+    def __init__(self, message: str, *, report: Path | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+    def __reduce__(self):
+        return _rebuild_failed, (str(self), self.report)
+
+
+def _rebuild_failed(message: str, report: Path | None) -> SimulationFailed:
+    return SimulationFailed(message, report=report)
+
 def default_data_spec(sites: int | None) -> str:
     return f"synthetic:sites={sites}" if sites else "synthetic:"
 
@@ -136,7 +151,7 @@ def run_simulation(
         verbose_logging=verbose,
     )
     if "error" in sink:
-        raise FedmergeError(sink["error"])
+        raise SimulationFailed(sink["error"], report=sink.get("failure_report"))
     if "outcome" not in sink:
         raise FedmergeError("simulation: the coordinator finished without a result (see the log)")
     return SimulationResult(sink["outcome"], sink["grid"], Path(sink["out"]), names)

@@ -122,3 +122,11 @@ def test_too_few_sites_left_is_one_clear_line(tiny_parents, tmp_path):
         "round 1 (tune): 2 of 3 sites finished scoring, the recipe needs min_sites=3 "
         "(failed: site-1 (site:scoring-failed))"
     )
+    # As a deployed run does, the simulation leaves a report.json naming stage, cause, rule
+    # and the site missing.
+    assert err.value.report == tmp_path / "run" / "report.json"
+    report = json.loads(err.value.report.read_text())
+    assert (report["status"], report["cause"]) == ("failed", "too-few-sites")
+    assert report["stage"] == "round 1 (tune): scoring"
+    assert report["sites_missing"] == ["site-1"]
+    assert report["sites_answered"] == ["site-0", "site-2"]
