@@ -44,15 +44,9 @@ def smoothed_aurocs(evals: Sequence[Evaluated]) -> list[float | None] | None:
     """The posterior mean AUROC at each evaluation's λ (None where it has no AUROC), in the
     order given; None when there is nothing to smooth: no noise, candidates that are not
     single λ values (groups), or fewer than three λ with an AUROC."""
-    usable = [
-        i for i, e in enumerate(evals)
-        if isinstance(e.candidate, float | int) and not isinstance(e.candidate, bool)
-        and e.metrics.auroc is not None
-    ]
-    if len(usable) != len(evals) and any(
-        not isinstance(e.candidate, float | int) for e in evals
-    ):
-        return None
+    if not all(isinstance(e.candidate, float | int) for e in evals):
+        return None  # one λ per parameter group: no single axis to smooth along
+    usable = [i for i, e in enumerate(evals) if e.metrics.auroc is not None]
     if len(usable) < MIN_POINTS or not all(evals[i].metrics.noise_sd > 0 for i in usable):
         return None
     # Fitted in λ order whatever the order given: the coordinator (evaluation order) and the

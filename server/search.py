@@ -61,12 +61,9 @@ def best_within_noise(evals: Sequence[Evaluation]) -> Evaluation:
     """
     from server.noisy_curve import smoothed_aurocs
 
-    best = best_of(evals)
-    if best.metrics.noise_sd <= 0:
-        return best
     smooth = smoothed_aurocs(evals)
     if smooth is None:
-        return best
+        return best_of(evals)
     ranked = [i for i, v in enumerate(smooth) if v is not None]
     top = max(ranked, key=lambda i: (smooth[i], evals[i].metrics.auroc, -i))
     return evals[top]

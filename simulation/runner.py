@@ -36,13 +36,6 @@ class SimulationFailed(FedmergeError):
         super().__init__(message)
         self.report = report
 
-    def __reduce__(self):
-        return _rebuild_failed, (str(self), self.report)
-
-
-def _rebuild_failed(message: str, report: Path | None) -> SimulationFailed:
-    return SimulationFailed(message, report=report)
-
 def default_data_spec(sites: int | None) -> str:
     return f"synthetic:sites={sites}" if sites else "synthetic:"
 

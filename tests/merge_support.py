@@ -29,10 +29,10 @@ def load_written(model_dir: Path) -> dict[str, np.ndarray]:
     return load_np(model_dir)
 
 
-def rewrite(src: Path, dst: Path, fn) -> Path:
-    """Copy checkpoint `src` to `dst`, passing its tensors (a name -> torch tensor dict, merged
-    over shards) through `fn`, and write them back as one file."""
-    from safetensors.torch import load_file, save_file
+def _copy_without_weights(src: Path, dst: Path) -> dict:
+    """Copy checkpoint `src` to `dst` and take its weights out: the tensors of every shard
+    (name -> torch tensor), with the shard files and their index removed from `dst`."""
+    from safetensors.torch import load_file
 
     shutil.copytree(src, dst)
     tensors = {}
@@ -40,10 +40,32 @@ def rewrite(src: Path, dst: Path, fn) -> Path:
         tensors.update(load_file(str(f)))
         f.unlink()
     (dst / "model.safetensors.index.json").unlink(missing_ok=True)
-    tensors = fn(tensors)
+    return tensors
+
+
+def rewrite(src: Path, dst: Path, fn) -> Path:
+    """Copy checkpoint `src` to `dst`, passing its tensors (a name -> torch tensor dict, merged
+    over shards) through `fn`, and write them back as one file."""
+    from safetensors.torch import save_file
+
+    tensors = fn(_copy_without_weights(src, dst))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"),
               metadata={"format": "pt"})
     return dst
+
+
+# A tensor and an element to poison with NaN or inf: both merge paths must refuse the parent.
+POISONED = "model.layers.1.mlp.down_proj.weight"
+
+
+def poisoned(src: Path, dst: Path, value: float) -> Path:
+    """Checkpoint `src` copied to `dst` with one element of POISONED set to `value`."""
+
+    def poison(ts):
+        ts[POISONED][3, 5] = value
+        return ts
+
+    return rewrite(src, dst, poison)
 
 
 def set_config(model_dir: Path, **fields) -> None:
@@ -141,14 +163,9 @@ def load_np_torch(model_dir: Path) -> dict[str, np.ndarray]:
 def write_sharded(src: Path, dst: Path, dtype, shards: int) -> Path:
     """Copy checkpoint `src` to `dst` with its float tensors cast to `dtype` (a torch dtype),
     spread over `shards` files with an index, as a released checkpoint is."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    shutil.copytree(src, dst)
-    tensors = {}
-    for f in sorted(dst.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-        f.unlink()
-    (dst / "model.safetensors.index.json").unlink(missing_ok=True)
+    tensors = _copy_without_weights(src, dst)
     names = list(tensors)
     weight_map, total = {}, 0
     for i in range(shards):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from merge_support import load_np, load_written, ref_linear, rewrite
+from merge_support import POISONED, load_np, load_written, poisoned, ref_linear, rewrite
 
 from common.errors import FedmergeError
 from common.merge.config import MergeConfig
@@ -114,14 +114,8 @@ def test_tokenizer_source_base_keeps_base_vocab(tiny_parents, big_vocab_parent, 
 
 @pytest.mark.parametrize("value,kind", [(float("nan"), "NaN"), (float("inf"), "inf")])
 def test_non_finite_parent(tiny_parents, tmp_path, value, kind):
-    name = "model.layers.1.mlp.down_proj.weight"
-
-    def poison(ts):
-        ts[name][3, 5] = value
-        return ts
-
-    other = rewrite(tiny_parents[1], tmp_path / "poisoned", poison)
-    refused(tmp_path, linear(tiny_parents[0], other), f"tensor {name} contains {kind}")
+    other = poisoned(tiny_parents[1], tmp_path / "poisoned", value)
+    refused(tmp_path, linear(tiny_parents[0], other), f"tensor {POISONED} contains {kind}")
 
 
 def test_slerp_t_outside_unit_interval(tiny_parents, tmp_path):

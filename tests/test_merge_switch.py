@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 from merge_support import (
+    POISONED,
     load_np,
     load_np_torch,
     load_written,
+    poisoned,
     ref_linear,
     ref_slerp,
-    rewrite,
     write_sharded,
 )
 
@@ -221,14 +222,8 @@ def test_placement_keeps_parents_on_the_gpu_only_with_room():
 
 @pytest.mark.parametrize("value,kind", [(float("nan"), "NaN"), (float("inf"), "inf")])
 def test_switch_refuses_non_finite_parent(bf16_parents, tmp_path, value, kind):
-    name = "model.layers.1.mlp.down_proj.weight"
-
-    def poison(ts):
-        ts[name][3, 5] = value
-        return ts
-
-    bad = rewrite(bf16_parents[1], tmp_path / "poisoned", poison)
-    with pytest.raises(FedmergeError, match=f"tensor {name} contains {kind}"):
+    bad = poisoned(bf16_parents[1], tmp_path / "poisoned", value)
+    with pytest.raises(FedmergeError, match=f"tensor {POISONED} contains {kind}"):
         InPlaceMerger(bf16_parents[0], bad, method="linear")
 
 
