@@ -115,12 +115,12 @@ def reference_edges(cfg: NodeConfig, instr: RoundInstructions) -> np.ndarray | N
     """Inner bin edges from the public reference cohort scored by the live merge (the
     candidate already applied), or None for equal-width bins."""
     spec = instr.histogram
-    if spec.placement != "reference":
+    if not spec.uses_reference:
         return None
     from client.node_cache import reference_prepared
 
     ref_scorer, prepared = reference_prepared(cfg, instr.method, instr.scoring, spec.reference)
-    return spec.reference_edges(ref_scorer.score(prepared))
+    return spec.reference_edges(ref_scorer.score(prepared), prepared.labels)
 
 
 def noisy_release(histograms: Histograms, instr: RoundInstructions) -> Histograms:

@@ -175,7 +175,7 @@ def run_tuning(
     on_event: EventFn | None = None,
 ) -> TuningOutcome:
     """The whole federated tuning run; raises FedmergeError with a clear message on failure."""
-    from common.metrics import noisy_metrics, pooled_metrics
+    from common.metrics import noisy_round_metrics, pooled_metrics
 
     emit = on_event or (lambda *a, **k: None)
     grid = grid if isinstance(grid, CoordinatorGrid) else CoordinatorGrid(grid)
@@ -299,10 +299,12 @@ def run_tuning(
         )
         out = []
         variance = noise_variance(instr, len(outcome.contributors))
-        for cand, (pos, neg) in zip(candidates, outcome.histograms, strict=True):
-            metrics = noisy_metrics(pos, neg, variance) if variance else pooled_metrics(pos, neg)
-            res = CandidateResult(cand, metrics, (pos, neg), rnd, sites)
-            out.append(res)
+        # With noise, the round's candidates share their class totals (the same patients).
+        all_metrics = (noisy_round_metrics(outcome.histograms, variance) if variance
+                       else [pooled_metrics(pos, neg) for pos, neg in outcome.histograms])
+        for cand, (pos, neg), metrics in zip(candidates, outcome.histograms, all_metrics,
+                                             strict=True):
+            out.append(CandidateResult(cand, metrics, (pos, neg), rnd, sites))
         emit("round_end", round=rnd, stage=stage, results=out)
         return out
 

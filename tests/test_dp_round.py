@@ -15,8 +15,9 @@ NODES = [101, 102, 103]
 DATA = "synthetic:sites=3,stays=60/60/60,seed=4"
 
 
-def _run(tiny_parents, privacy: dict, site_privacy: str, bins: int | None = None):
-    """`bins`: name the spec on both sides; None leaves both to the mode's default."""
+def _run(tiny_parents, privacy: dict, site_privacy: str, histogram=None):
+    """`histogram` (a HistogramSpec): name it on both sides; None leaves both to the mode's
+    default."""
     from flwr.app import Context, RecordDict
 
     from server.coordinator import run_tuning
@@ -28,14 +29,15 @@ def _run(tiny_parents, privacy: dict, site_privacy: str, bins: int | None = None
             "data": DATA, "parent-a": str(a), "parent-b": str(b), "split": "region",
             "sim-sites": 3, "sim-index": i, "min-cohort": 5, "min-positives": 1,
             "privacy": site_privacy, "max-epsilon-per-run": 32.0,
-            **({"bins": bins, "bin-placement": "reference"} if bins else {}),
+            **({"bins": histogram.bins, "bin-placement": histogram.placement}
+               if histogram else {}),
         }
         for i in range(3)
     }
     recipe = TuningRecipe(
         parent_a=str(a), parent_b=str(b), method="linear", scoring={"max_patient_tokens": 64},
         search={"strategy": "grid", "grid_points": 3}, privacy=privacy,
-        histogram={"bins": bins, "placement": "reference"} if bins else None,
+        histogram=histogram,
     )
     apps = {n: node_app.make_client_app() for n in configs}
     grid = CoordinatorGrid(LoopbackGrid(apps, configs))
@@ -45,14 +47,17 @@ def _run(tiny_parents, privacy: dict, site_privacy: str, bins: int | None = None
 
 @pytest.fixture(scope="module")
 def exact(tiny_parents):
-    # Exact sums over the bins a noisy run uses by default (16), to compare count by count.
-    return _run(tiny_parents, {"mode": "off"}, "off", bins=16)
+    # Exact sums over the bins a noisy run uses by default (16 class-balanced ones), to
+    # compare count by count.
+    from common.metrics import NOISY_HISTOGRAM
+
+    return _run(tiny_parents, {"mode": "off"}, "off", histogram=NOISY_HISTOGRAM)
 
 
 @pytest.mark.parametrize("mode", ["distributed", "local"])
 def test_a_private_run_releases_noisy_sums_and_states_its_guarantee(tiny_parents, exact, mode):
     from common.dp.accounting import calibrate
-    from common.metrics import noisy_metrics
+    from common.metrics import noisy_round_metrics
     from common.metrics.pooled import Z_95
 
     # A large ε: the test checks the mechanics; on 90 tuning stays a small ε can drive a
@@ -70,7 +75,15 @@ def test_a_private_run_releases_noisy_sums_and_states_its_guarantee(tiny_parents
     assert cal.sigma_site == pytest.approx(
         cal.sigma_total / (2**0.5 if mode == "distributed" else 1.0))
     differ = 0
-    for e, r in zip(exact.tune, noisy.tune, strict=True):
+    # One round: its candidates share their class totals, and the coordinator's metrics are
+    # exactly that reading of the released sums; noise-free, the same sums' sampling part.
+    assert len({r.round for r in noisy.tune}) == 1
+    sums = [r.histograms for r in noisy.tune]
+    variance = cal.noise_variance(3)
+    assert [r.metrics for r in noisy.tune] == noisy_round_metrics(sums, variance)
+    shared_totals = np.mean([[pos.sum(), neg.sum()] for pos, neg in sums], axis=0)
+    free_readings = noisy_round_metrics(sums, 0.0)
+    for e, r, free in zip(exact.tune, noisy.tune, free_readings, strict=True):
         assert e.candidate == r.candidate
         diff = np.concatenate(r.histograms) - np.concatenate(e.histograms)
         differ += int(np.any(diff != 0))
@@ -80,13 +93,12 @@ def test_a_private_run_releases_noisy_sums_and_states_its_guarantee(tiny_parents
         assert m.noise_sd > 0
         if m.auroc is None:
             # Distributed noise has variance ≥ 1 per count, so over 16 bins a class total of
-            # 16 deaths can be ≤ 0 (rarely): that sum reports no AUROC, as the rule says.
-            assert min(r.histograms[0].sum(), r.histograms[1].sum()) <= 0
+            # 16 deaths can be ≤ 0 (rarely): that round reports no AUROC, as the rule says.
+            assert shared_totals.min() <= 0
             continue
         assert m.auroc_ci[0] <= m.auroc <= m.auroc_ci[1]
         # The interval carries the noise: its squared half-width is the noise-free reading's
         # (sampling variance of the same sums) plus the noise's variance in AUROC.
-        free = noisy_metrics(*r.histograms, 0.0)
         if m.auroc_ci[0] > 0 and m.auroc_ci[1] < 1:  # not cut at 0 or 1
             half, free_half = (m.auroc_ci[1] - m.auroc_ci[0]) / 2, (
                 free.auroc_ci[1] - free.auroc_ci[0]) / 2

@@ -189,3 +189,66 @@ def test_reference_bins_follow_the_public_reference_and_keep_the_order():
     assert abs(m.auroc - roc_auc_score(y, x)) <= m.auroc_error_bound
     with pytest.raises(FedmergeError, match="31 inner edges"):
         score_histograms(x, y, spec)
+
+
+def _mixture_quantiles(scores, labels, bins):
+    """Quantiles of ½·F_pos + ½·F_neg by hand: the first sorted score whose cumulative mass
+    reaches each level (the inverted CDF)."""
+    order = np.argsort(scores, kind="stable")
+    s, y = scores[order], labels[order]
+    mass = np.where(y == 1, 0.5 / y.sum(), 0.5 / (y.size - y.sum()))
+    cumulative = np.cumsum(mass)
+    return np.array([s[np.flatnonzero(cumulative >= k / bins - 1e-12)[0]]
+                     for k in range(1, bins)])
+
+
+def test_balanced_bins_are_the_class_balanced_quantiles_of_the_reference():
+    from common.metrics import NOISY_HISTOGRAM
+
+    spec = NOISY_HISTOGRAM
+    assert spec.placement == "balanced" and spec.uses_reference
+    rng = np.random.default_rng(3)
+    y = (rng.random(384) < 0.18).astype(int)
+    r = np.round(rng.normal(-2.5 + 1.2 * y, 1.0), 4)
+    edges = spec.reference_edges(r, y)
+    np.testing.assert_array_equal(edges, np.round(_mixture_quantiles(r, y, spec.bins), 4))
+    # Each bin holds about 1/16 of each class's half, so positives get about half the bins
+    # although they are 18% of the reference.
+    idx = spec.bin_index(r, edges)
+    share = 0.5 * (np.bincount(idx[y == 1], minlength=16) / y.sum()
+                   + np.bincount(idx[y == 0], minlength=16) / (y.size - y.sum()))
+    assert np.abs(share - 1 / 16).max() < 0.02
+    pooled = HistogramSpec(bins=16, placement="reference").reference_edges(r)
+    assert (edges > np.median(r)).sum() >= (pooled > np.median(r)).sum() + 3
+
+
+def test_balanced_bins_cut_the_noise_the_auroc_carries():
+    """Why noisy runs use them: the same noise per count moves the AUROC less when the bins
+    sit where positives are (the delta-method sd `noisy_metrics` reports, deterministic)."""
+    from common.metrics import noisy_metrics
+
+    rng = np.random.default_rng(8)
+
+    def cohort(n):
+        y = (rng.random(n) < 0.15).astype(int)
+        return rng.normal(-2.5 + 1.2 * y, 1.0), y
+
+    (rx, ry), (x, y) = cohort(384), cohort(5000)
+    sd = {}
+    for placement in ("reference", "balanced"):
+        spec = HistogramSpec(bins=16, placement=placement)
+        counts = score_histograms(x, y, spec, spec.reference_edges(rx, ry))
+        sd[placement] = noisy_metrics(*counts, noise_variance=100.0).noise_sd
+    assert sd["balanced"] < 0.92 * sd["reference"]
+
+
+@pytest.mark.parametrize(
+    "labels, needle",
+    [(None, "one 0/1 label per reference score"),
+     (np.zeros(50, dtype=int), "need both classes; found 0 positives of 50"),
+     (np.full(50, 2), "one 0/1 label per reference score")],
+)
+def test_balanced_bins_need_the_references_labels(labels, needle):
+    spec = HistogramSpec(bins=16, placement="balanced")
+    with pytest.raises(FedmergeError, match=needle):
+        spec.reference_edges(np.linspace(-4, 0, 50), labels)

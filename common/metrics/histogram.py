@@ -24,14 +24,24 @@ DEFAULT_REFERENCE = "synthetic:sites=3,seed=202,stays=128"
 EDGE_DECIMALS = 4
 
 
+Placement = Literal["uniform", "reference", "balanced"]
+REFERENCE_PLACEMENTS = ("reference", "balanced")
+
+
 class HistogramSpec(BaseModel):
     """How a site turns log-odds into counts; every site must use the same spec.
 
-    `uniform`: equal-width bins over [lo, hi). `reference`: the bins + 1 edges are quantiles
-    (1/bins, ..., (bins-1)/bins) of a PUBLIC reference cohort's log-odds, scored by the same
-    merge at the same λ: the bins follow where the scores fall (32 of them do what ~500
-    equal-width bins do, `bench/privacy_accuracy.py`), and they depend on no site's data, so
-    they reveal nothing and cannot be aimed at a patient by the coordinator.
+    `uniform`: equal-width bins over [lo, hi). `reference`: the bins - 1 inner edges are
+    quantiles (1/bins, ..., (bins-1)/bins) of a PUBLIC reference cohort's log-odds, scored by
+    the same merge at the same λ: the bins follow where the scores fall (32 of them do what
+    ~500 equal-width bins do, `bench/privacy_accuracy.py`), and they depend on no site's data,
+    so they reveal nothing and cannot be aimed at a patient by the coordinator. `balanced`:
+    the same, with the reference's two classes weighted equally (quantiles of ½·F_pos +
+    ½·F_neg), i.e. bins evenly spaced along the ROC curve instead of along the score
+    distribution, which at 10-20% mortality is mostly survivors. Why, under noise: each
+    positive count moves the AUROC by about (share of negatives below it − AUROC)/positives,
+    so noise in bins where positives sit, whose share of negatives below is near the AUROC,
+    costs least; the pooled quantiles put most bins among survivors, where it costs most.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -39,7 +49,7 @@ class HistogramSpec(BaseModel):
     bins: int = Field(default=2048, ge=1)
     lo: float = -16.0
     hi: float = 16.0
-    placement: Literal["uniform", "reference"] = "uniform"
+    placement: Placement = "uniform"
     reference: str = DEFAULT_REFERENCE
 
     @model_validator(mode="after")
@@ -52,8 +62,13 @@ class HistogramSpec(BaseModel):
         """The bins + 1 edges; the first and last bins also take everything beyond them."""
         return np.linspace(self.lo, self.hi, self.bins + 1)
 
-    def reference_edges(self, reference_log_odds) -> np.ndarray:
-        """The bins - 1 inner edges from the reference's scores (first/last bins open)."""
+    @property
+    def uses_reference(self) -> bool:
+        return self.placement in REFERENCE_PLACEMENTS
+
+    def reference_edges(self, reference_log_odds, reference_labels=None) -> np.ndarray:
+        """The bins - 1 inner edges from the reference's scores (first/last bins open);
+        `balanced` placement also needs the reference's labels."""
         r = np.asarray(reference_log_odds, dtype=np.float64).reshape(-1)
         if r.size < 2 or not np.all(np.isfinite(r)):
             raise FedmergeError(
@@ -61,7 +76,25 @@ class HistogramSpec(BaseModel):
                 "finite log-odds"
             )
         levels = np.arange(1, self.bins) / self.bins
-        return np.round(np.quantile(r, levels), EDGE_DECIMALS)
+        if self.placement != "balanced":
+            return np.round(np.quantile(r, levels), EDGE_DECIMALS)
+        y = None if reference_labels is None else np.asarray(reference_labels).reshape(-1)
+        if y is None or y.shape != r.shape or not np.isin(y, (0, 1)).all():
+            raise FedmergeError(
+                f"histogram reference {self.reference}: balanced bins need one 0/1 label per "
+                f"reference score ({r.size} scores)"
+            )
+        positives = int(y.sum())
+        if positives == 0 or positives == y.size:
+            raise FedmergeError(
+                f"histogram reference {self.reference}: balanced bins need both classes; "
+                f"found {positives} positives of {y.size}"
+            )
+        # Each class carries half the mass. numpy's weighted quantile (inverted CDF: every
+        # edge is one of the reference's own scores) is the maintained implementation.
+        weights = np.where(y == 1, 0.5 / positives, 0.5 / (y.size - positives))
+        edges = np.quantile(r, levels, weights=weights, method="inverted_cdf")
+        return np.round(edges, EDGE_DECIMALS)
 
     def bin_index(self, log_odds: np.ndarray, inner_edges: np.ndarray | None = None
                   ) -> np.ndarray:
@@ -74,7 +107,7 @@ class HistogramSpec(BaseModel):
         if np.isnan(x).any():
             row = int(np.flatnonzero(np.isnan(x))[0])
             raise FedmergeError(f"scores: row {row} is NaN; expected a finite or ±inf log-odds")
-        if self.placement == "reference":
+        if self.uses_reference:
             if inner_edges is None or len(inner_edges) != self.bins - 1:
                 raise FedmergeError(
                     f"histogram: reference bins need {self.bins - 1} inner edges from "
