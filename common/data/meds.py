@@ -148,7 +148,7 @@ def _build(data: list[Path], labels: list[Path], codes: Path | None, hours: int)
                  {items('procedures', text.PROCEDURES_HEADER, False, '')},
                  {items('outputs', text.OUTPUTS_HEADER, False, '')},
                  diagnoses AS (SELECT rid, 'The patient is diagnosed with ' ||
-                     string_agg(title, ';' ORDER BY first, title) || '.' AS sentence
+                     {text.sql_joined('title', 'first', 'title')} || '.' AS sentence
                    FROM (SELECT w.rid, {name} AS title, min(w.time) AS first
                          FROM windowed w LEFT JOIN codes c USING (code)
                          WHERE w.section = 'diagnoses' GROUP BY ALL) GROUP BY rid)

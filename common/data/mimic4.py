@@ -389,7 +389,7 @@ def _collect(con, s: Mimic4Settings) -> pa.Table:
              outs AS ({listed('outputs', text.OUTPUTS_HEADER)}),
              titled AS (SELECT hadm_id, {text.sql_words('title')} AS title, min(first) AS first
                FROM diagnoses GROUP BY ALL),
-             d AS (SELECT hadm_id, string_agg(title, ';' ORDER BY first, title) AS titles
+             d AS (SELECT hadm_id, {text.sql_joined('title', 'first', 'title')} AS titles
                FROM titled GROUP BY hadm_id)
         SELECT CAST(k.stay_id AS VARCHAR) AS stay_id, CAST(k.label AS TINYINT) AS label,
                {first_section} AS diagnoses, chart.sentence AS chart_events,

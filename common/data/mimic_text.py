@@ -131,10 +131,26 @@ def sql_words(value: str) -> str:
     return f"trim(regexp_replace(coalesce({value}, ''), '\\s+', ' ', 'g'))"
 
 
+def sql_joined(items: str, *order: str) -> str:
+    """An aggregate: `items` joined by ';' in the order of the `order` expressions.
+
+    The same text as `string_agg(items, ';' ORDER BY order...)`, but DuckDB's ordered
+    aggregates sort every group through its general sorter: measured on the 40k-stay bench
+    (a million chart means), that was 1.9 s of the cohort's 2.8 s of rendering. Collecting
+    (order keys, item) structs unordered and sorting each stay's short list takes a fraction.
+    Equal keys are ordered by the item itself, so the text never depends on thread timing;
+    NULL items are skipped and NULL keys sort last, as in string_agg.
+    """
+    keys = ", ".join(f"k{i} := {expr}" for i, expr in enumerate(order))
+    pairs = f"list(struct_pack({keys}, v := {items}))"
+    joined = f"array_to_string(list_transform(list_sort({pairs}), lambda x: x.v), ';')"
+    return f"(CASE WHEN count({items}) = 0 THEN NULL ELSE {joined} END)"  # string_agg's NULL
+
+
 def sql_sentence(header: str, items: str, order: str) -> str:
     """An aggregate: `header` + items joined by ';' in `order` + '.'."""
     quoted = header.replace("'", "''")
-    return f"'{quoted}' || string_agg({items}, ';' ORDER BY {order}) || '.'"
+    return f"'{quoted}' || {sql_joined(items, order)} || '.'"
 
 
 def sql_demographics(race: str, gender: str, age: str, insurance: str, diagnoses: str) -> str:
