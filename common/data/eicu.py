@@ -252,7 +252,7 @@ def load_eicu(
     key = cohort_cache.cache_key("eicu", files, {"site": site, "hours": hours})
     table = cohort_cache.read_cached(store, key)
     if table is not None:
-        progress.say(f"eicu: cohort from cache {store / key}.parquet")
+        progress.say(f"eicu: cohort from cache {cohort_cache.cached_path(store, key)}")
         return cohort_cache.table_to_records(table)
     with progress.step("eicu", "reading the tables"):
         records = _load(directory, site=site, hours=hours)

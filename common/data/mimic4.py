@@ -60,9 +60,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from common.data import chunked, cohort_cache, duck, progress
 from common.data import mimic_text as text
 from common.data.icd_map import read_icd_map
+from common.data.lazy import LazyRecords
 from common.data.tables import find_table
 from common.errors import FedmergeError
-from common.records import PatientRecord
 
 records_from_table = text.records_from_table
 
@@ -427,7 +427,7 @@ def load_mimic4(
     *,
     site: str | None = None,
     cache: str | None = None,
-) -> list[PatientRecord]:
+) -> LazyRecords:
     """Records of the pipeline's mortality cohort in a MIMIC-IV 2.2 export (see module doc)."""
     settings = settings or Mimic4Settings()
     if not directory.is_dir():
@@ -442,16 +442,12 @@ def load_mimic4(
     key = cohort_cache.cache_key(SOURCE, files, settings.model_dump()) if store else ""
     table = cohort_cache.read_cached(store, key)
     if table is not None:
-        progress.say(f"{SOURCE}: cohort from cache {store / key}.parquet")
+        progress.say(f"{SOURCE}: cohort from cache {cohort_cache.cached_path(store, key)}")
         return records_from_table(table, site)
     spill = (store / "spill") if store else None
     with duck.connect(spill=spill) as con:
         table = _build(con, paths, settings, spill)
-    # Parquet writing runs in native code without the GIL: it overlaps building the records.
-    with ThreadPoolExecutor(1) as pool:
-        writing = pool.submit(cohort_cache.write_cached, store, key, table)
-        records = records_from_table(table, site)
-    written = writing.result()
+    written = cohort_cache.write_cached(store, key, table)
     if written:
         progress.say(f"{SOURCE}: cohort cached at {written}")
-    return records
+    return records_from_table(table, site)  # built when read: see common.data.lazy

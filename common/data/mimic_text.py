@@ -10,11 +10,13 @@ dataset's own). Chart events and medications are the numeric sections the hard v
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import NamedTuple
 
 import pyarrow as pa
 
 from common.data.cohort_cache import paused_gc
+from common.data.lazy import LazyRecords
 from common.records import PatientRecord, Section
 
 GENDERS = {"M": "male", "F": "female"}
@@ -85,9 +87,14 @@ def sections_from_texts(texts: dict[str, str | None]) -> tuple[Section, ...]:
     )
 
 
-def records_from_table(table: pa.Table, site: str | None) -> list[PatientRecord]:
-    """PatientRecords from a cohort table (fresh or cached): `stay_id`, `label` and one text
-    column per section name (null where the stay has none)."""
+def records_from_table(table: pa.Table, site: str | None) -> LazyRecords:
+    """The records of a cohort table (fresh or cached), built when read (`common.data.lazy`)."""
+    return LazyRecords(table, partial(build_records, site=site), site=site)
+
+
+def build_records(table: pa.Table, site: str | None) -> list[PatientRecord]:
+    """PatientRecords from a cohort table: `stay_id`, `label` and one text column per section
+    name (null where the stay has none)."""
     names = [name for name in SECTION_NAMES if name in table.column_names]
     texts = [table.column(name).to_pylist() for name in names]
     numeric = [name in NUMERIC for name in names]
