@@ -26,6 +26,7 @@ has several labels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -172,7 +173,7 @@ def load_meds(
     hours: int = 48,
     site: str | None = None,
     cache: str | None = None,
-) -> list[PatientRecord]:
+) -> Sequence[PatientRecord]:
     """One record per label row of a MEDS dataset (see module doc)."""
     if not directory.is_dir():
         raise FedmergeError(f"{directory}: MEDS directory not found")

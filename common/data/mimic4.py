@@ -46,7 +46,9 @@ pipeline repository); the mean of bucket means above is what the pipeline's data
 hold. `common.data.mimic4_python` keeps the previous, simpler loader for comparison.
 
 The tables are read in place, CSV or CSV.gz, by DuckDB (`common.data.duck`), with a memory cap
-and spilling; the finished cohort is cached as Parquet (`common.data.cohort_cache`).
+and spilling (chartevents.csv.gz through `common.data.chunked`); the finished cohort is cached
+as a memory-mapped Arrow file (`common.data.cohort_cache`) and its records are built when read
+(`common.data.lazy`).
 """
 
 from __future__ import annotations
