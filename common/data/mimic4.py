@@ -238,23 +238,32 @@ def _chart_rows(con, path: Path, temp_dir: Path | None) -> None:
     (`common.data.chunked`), so DuckDB parses on every core while the next chunk inflates;
     measured on the 40k-stay bench (2 cores, one of them busy with other work), the read went
     from 7.1 s to 3.9 s, plus 0.7 s for the DISTINCT that now runs once after the chunks.
+    The rows are read without the join to `adults`: joined while parsing, each row carried its
+    unit text through the join (single-thread: 3.5 s against 2.6 s without); joined in the
+    DISTINCT, on fixed-width columns, it costs almost nothing (1.00 s against 0.96 s).
+    Distinct on the time since intime is distinct on the time, intime being the stay's.
     """
     def select(read: Path | None) -> str:
         return f"""SELECT c.stay_id, c.itemid, c.valuenum, hash(c.valueuom) AS unit,
-                   epoch_us(c.charttime) - epoch_us(a.intime) AS us
+                   epoch_us(c.charttime) AS t
             FROM {duck.scan(path, TABLES['icu/chartevents'], read)} c
-            JOIN adults a ON a.stay_id = c.stay_id
             WHERE c.valuenum IS NOT NULL AND c.valueuom IS NOT NULL
               AND c.charttime IS NOT NULL AND c.itemid IS NOT NULL"""
 
+    def distinct(rows: str) -> str:
+        return f"""CREATE TABLE chart AS
+            SELECT DISTINCT c.stay_id, c.itemid, c.valuenum, c.unit,
+                   c.t - epoch_us(a.intime) AS us
+            FROM {rows} c JOIN adults a ON a.stay_id = c.stay_id"""
+
     if not chunked.is_gzip(path):  # DuckDB reads a plain CSV in parallel by itself
-        duck.run(con, f"CREATE TABLE chart AS SELECT DISTINCT * FROM ({select(None)})", str(path))
+        duck.run(con, distinct(f"({select(None)})"), str(path))
         return
     duck.run(con, f"CREATE TABLE chart_rows AS {select(None)} LIMIT 0", str(path))
     for chunk in chunked.chunks(path, temp_dir):
         duck.run(con, f"INSERT INTO chart_rows {select(chunk.path)}", str(path),
                  chunk=(str(path), chunk.first_line - 2))  # chunk line 2 = first row
-    duck.run(con, "CREATE TABLE chart AS SELECT DISTINCT * FROM chart_rows", str(path))
+    duck.run(con, distinct("chart_rows"), str(path))
     duck.run(con, "DROP TABLE chart_rows", str(path))
 
 
