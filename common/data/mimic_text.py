@@ -141,10 +141,11 @@ def sql_words(value: str) -> str:
 def sql_joined(items: str, *order: str) -> str:
     """An aggregate: `items` joined by ';' in the order of the `order` expressions.
 
-    The same text as `string_agg(items, ';' ORDER BY order...)`, but DuckDB's ordered
-    aggregates sort every group through its general sorter: measured on the 40k-stay bench
-    (a million chart means), that was 1.9 s of the cohort's 2.8 s of rendering. Collecting
-    (order keys, item) structs unordered and sorting each stay's short list takes a fraction.
+    The same text as `string_agg(items, ';' ORDER BY order...)`, whose ordered aggregate goes
+    through DuckDB's general sorter; collecting (order keys, item) structs unordered and
+    sorting each stay's short list was somewhat faster on the 40k-stay bench's million chart
+    means (2.0 s against 2.25 s, three alternating runs each on a shared 2-core machine; the
+    diagnosis titles: no difference). Most of the chart sentence's time is printing the means.
     Equal keys are ordered by the item itself, so the text never depends on thread timing;
     NULL items are skipped and NULL keys sort last, as in string_agg.
     """
