@@ -17,6 +17,10 @@ processes, so every peak memory is that load's own. Every time is wall-clock sec
    mapped Arrow file, stay-id check; `cache_key_s` is the key's share), and
    `cached_materialized_s`, the same plus building every record. `cached_speedup` =
    first_s / cached_s (time to a usable cohort, both sides).
+`python_cpu_s` and `first_cpu_s` are the CPU seconds (user + system, all threads) of those
+two `load_records` calls: unlike wall-clock time, they do not depend on what else the
+machine runs (the baseline uses one core, the DuckDB loader two, so a busy machine slows the
+latter more).
 4. `mimic4:DIR` from the cache, one simulated node's real path: `cached_node_path_s` = load,
    split iid into 4 sites, site 0's tuning fold (fold 0 of 2), that fold's records built —
    what `client.node_cache` does before scoring (`node_path_records` of them).
@@ -59,6 +63,7 @@ class Timing(NamedTuple):
     then_s: float | None  # load_records plus what `then` asked for
     then_records: int | None
     key_s: float | None
+    cpu_s: float  # user + system CPU seconds of load_records, every thread of the process
 
 
 def _node_path(records) -> int:
@@ -93,15 +98,22 @@ def _load(spec: str, then: str) -> Timing:
     import common.data.splits  # noqa: F401
     from common.data import load_records
 
+    cpu = _cpu_seconds()
     start = time.perf_counter()
     records = load_records(spec)
     seconds = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu
     then_records = {"all": lambda: len(list(records)), "node": lambda: _node_path(records),
                     "": lambda: None}[then]()  # fmt: skip
     then_s = time.perf_counter() - start if then else None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     key = _key_seconds(Path(spec.split(":", 1)[1].split("?")[0])) if "?cache=" in spec else None
-    return Timing(seconds, len(records), peak, then_s, then_records, key)
+    return Timing(seconds, len(records), peak, then_s, then_records, key, cpu)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _fresh(spec: str, then: str = "") -> Timing:
@@ -161,6 +173,8 @@ def main() -> None:
         "cached_node_path_s": round(node.then_s, 3),
         "node_path_records": node.then_records,
         "cache_key_s": round(cached.key_s, 4),
+        "python_cpu_s": round(python.cpu_s, 2) if python else None,
+        "first_cpu_s": round(first.cpu_s, 2),
         "speedup": round(python.seconds / first.seconds, 2) if python else None,
         "speedup_materialized": round(python.seconds / first.then_s, 2) if python else None,
         "cached_speedup": round(first.seconds / cached.seconds, 1),
