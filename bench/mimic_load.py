@@ -14,16 +14,19 @@ processes, so every peak memory is that load's own. Every time is wall-clock sec
    work the baseline does. `speedup` = python_s / first_s; `speedup_materialized` =
    python_s / first_materialized_s.
 3. `mimic4:DIR` again, from the cache: `cached_s` until the usable cohort (cache key, memory-
-   mapped Arrow file, stay-id check; `cache_key_s` is the key's share), and
+   mapped Arrow file, stay-id check), and
    `cached_materialized_s`, the same plus building every record. `cached_speedup` =
-   first_s / cached_s (time to a usable cohort, both sides).
-`python_cpu_s` and `first_cpu_s` are the CPU seconds (user + system, all threads) of those
-two `load_records` calls: unlike wall-clock time, they do not depend on what else the
-machine runs (the baseline uses one core, the DuckDB loader two, so a busy machine slows the
-latter more).
+   first_s / cached_s (time to a usable cohort, both sides). `cache_key_s`: the key alone,
+   computed again after the load (input files already in the page cache).
 4. `mimic4:DIR` from the cache, one simulated node's real path: `cached_node_path_s` = load,
    split iid into 4 sites, site 0's tuning fold (fold 0 of 2), that fold's records built —
    what `client.node_cache` does before scoring (`node_path_records` of them).
+
+`python_cpu_s` and `first_cpu_s` are the CPU seconds (user + system, every thread) of the
+baseline's and the first load's `load_records`. The baseline runs on one core, the DuckDB
+loader on all (two here): when other work shares the machine, first_s suffers more than
+python_s, and first_cpu_s close to first_s means the load got about one core. (CPU seconds
+are not load-free either: they also grew on a busier machine.)
 
 Prints a table, an extrapolation of the first loads to MIMIC-IV 2.2's 313 million
 chartevents rows, and ends with one JSON line. Extrapolation: the previous loader linearly in
