@@ -137,10 +137,11 @@ def site_records(cfg: NodeConfig, hard: bool) -> tuple[str, list[PatientRecord]]
 def fold_counts(cfg: NodeConfig, fold: int, folds: int, seed: int, hard: bool) -> tuple[int, int]:
     """(records, positives) in one fold: what the site policy's minimums are checked on."""
     from common.data.folds import select_fold
+    from common.data.lazy import labels
 
     _, records = site_records(cfg, hard)
     chosen = select_fold(records, fold, folds, seed)
-    return len(chosen), sum(r.label for r in chosen)
+    return len(chosen), sum(labels(chosen))  # a label column: counting builds no record
 
 
 def fold_data(

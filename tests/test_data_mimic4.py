@@ -189,7 +189,7 @@ def test_all_tables_gzipped(tmp_path):
 def test_second_load_comes_from_the_cache(mimic_copy, monkeypatch):
     monkeypatch.delenv("FEDMERGE_CACHE_DIR")  # the default: next to the export
     first = load_records(f"mimic4:{mimic_copy}")
-    cached = list((mimic_copy / ".fedmerge-cache").glob("mimic4-*.parquet"))
+    cached = list((mimic_copy / ".fedmerge-cache").glob("mimic4-*.arrow"))
     assert len(cached) == 1
     assert not [p for p in (mimic_copy / ".fedmerge-cache").iterdir() if p.suffix == ".tmp"]
     import common.data.mimic4 as mimic4
@@ -207,7 +207,7 @@ def test_second_load_comes_from_the_cache(mimic_copy, monkeypatch):
     os.utime(table, ns=(1, 1))
     assert load_records(f"mimic4:{mimic_copy}") == first
     load_records(f"mimic4:{mimic_copy}?bucket=1")
-    assert len(list((mimic_copy / ".fedmerge-cache").glob("mimic4-*.parquet"))) == 3
+    assert len(list((mimic_copy / ".fedmerge-cache").glob("mimic4-*.arrow"))) == 3
 
 
 def test_cache_location_options(mimic_copy, tmp_path, monkeypatch):
@@ -215,10 +215,10 @@ def test_cache_location_options(mimic_copy, tmp_path, monkeypatch):
     load_records(f"mimic4:{mimic_copy}?cache=off")
     assert not (mimic_copy / ".fedmerge-cache").exists()
     load_records(f"mimic4:{mimic_copy}?cache={tmp_path / 'mine'}")
-    assert len(list((tmp_path / "mine").glob("mimic4-*.parquet"))) == 1
+    assert len(list((tmp_path / "mine").glob("mimic4-*.arrow"))) == 1
     monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "env"))
     load_records(f"mimic4:{mimic_copy}")
-    assert len(list((tmp_path / "env").glob("mimic4-*.parquet"))) == 1
+    assert len(list((tmp_path / "env").glob("mimic4-*.arrow"))) == 1
 
 
 def test_read_only_export_caches_in_the_user_cache_dir(mimic_copy, tmp_path, monkeypatch):
@@ -226,7 +226,7 @@ def test_read_only_export_caches_in_the_user_cache_dir(mimic_copy, tmp_path, mon
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     load_records(f"mimic4:{mimic_copy}")
-    assert len(list((tmp_path / "xdg" / "fedmerge").glob("mimic4-*.parquet"))) == 1
+    assert len(list((tmp_path / "xdg" / "fedmerge").glob("mimic4-*.arrow"))) == 1
 
 
 def test_missing_table(mimic_copy):

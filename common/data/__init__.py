@@ -13,6 +13,8 @@ region or hospital),
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from common.data.spec import DataSpec, parse_spec
 from common.errors import FedmergeError
 from common.records import PatientRecord
@@ -26,7 +28,7 @@ def _synthetic(args: str) -> list[PatientRecord]:
     return list(load_synthetic(args))
 
 
-def _load(spec: DataSpec) -> list[PatientRecord]:
+def _load(spec: DataSpec) -> Sequence[PatientRecord]:
     if spec.kind in {"jsonl", "csv"}:
         from common.data.serialized import load_serialized
 
@@ -69,7 +71,7 @@ def _engine(spec: DataSpec) -> str:
     return engine
 
 
-def _mimic4(spec: DataSpec) -> list[PatientRecord]:
+def _mimic4(spec: DataSpec) -> Sequence[PatientRecord]:
     site = spec.options.get("site") or None
     demographics = spec.bool_option("demographics", False)
     if _engine(spec) == "python":
@@ -107,21 +109,26 @@ def _mimic4(spec: DataSpec) -> list[PatientRecord]:
     return load_mimic4(spec.path, settings, site=site, cache=spec.options.get("cache"))
 
 
-def _check(records: list[PatientRecord], spec: str) -> None:
-    """What every source must satisfy, whichever loader built the records."""
+def _check(records: Sequence[PatientRecord], spec: str) -> None:
+    """What every source must satisfy, whichever loader built the records (read from the
+    stay id column when they are lazy, so checking builds nothing)."""
+    from common.data.lazy import stay_ids
+
     if not records:
         raise FedmergeError(f"data spec {spec}: no records (expected at least one labelled stay)")
     seen: set[str] = set()
-    for index, record in enumerate(records):
-        if record.stay_id in seen:
-            raise FedmergeError(
-                f"data spec {spec}: duplicate stay id '{record.stay_id}' (record {index})"
-            )
-        seen.add(record.stay_id)
+    for index, stay_id in enumerate(stay_ids(records)):
+        if stay_id in seen:
+            raise FedmergeError(f"data spec {spec}: duplicate stay id '{stay_id}' (record {index})")
+        seen.add(stay_id)
 
 
-def load_records(spec: str, *, hard: bool = False) -> list[PatientRecord]:
-    """Load every labelled stay named by `spec`; `hard` keeps only the numeric sections."""
+def load_records(spec: str, *, hard: bool = False) -> Sequence[PatientRecord]:
+    """Every labelled stay named by `spec`; `hard` keeps only the numeric sections.
+
+    A list, or for the table-backed sources (mimic4, eicu, meds) a `LazyRecords` whose
+    records are built when first read (see `common.data.lazy`).
+    """
     records = _load(parse_spec(spec))
     _check(records, spec)
     if not hard:
@@ -131,6 +138,10 @@ def load_records(spec: str, *, hard: bool = False) -> list[PatientRecord]:
             f"data spec {spec}: the hard variant needs structured sections, but jsonl/csv "
             "records are plain text (use mimic4: or eicu:, or a file already in the hard form)"
         )
+    from common.data.lazy import LazyRecords
+
+    if isinstance(records, LazyRecords):  # table-backed records always have sections
+        return records.hard()
     # A structured stay with nothing recorded has no sections and an empty text either way.
     try:
         return [r.hard() if r.sections or r.text else r for r in records]

@@ -72,18 +72,19 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def scan(path: Path, columns: Mapping[str, str]) -> str:
+def scan(path: Path, columns: Mapping[str, str], read: Path | None = None) -> str:
     """SQL for a relation with exactly `columns` (name → DuckDB type) of the CSV at `path`.
 
     Every column of the header is declared (the needed ones with their type, the rest as
     text) and DuckDB's sniffer is off: nothing is guessed from a sample, so a value far down a
     313-million-row file cannot contradict a guess, and unused columns are never converted.
+    `read` is a file with the same header to read instead (an uncompressed chunk of `path`).
     """
     names = check_columns(path, columns)
     declared = ", ".join(f"{_quote(n)}: {_quote(columns.get(n, 'VARCHAR'))}" for n in names)
     select = ", ".join(f'"{name}"' for name in columns)
     return (
-        f"(SELECT {select} FROM read_csv({_quote(str(path))}, header = true, "
+        f"(SELECT {select} FROM read_csv({_quote(str(read or path))}, header = true, "
         f"auto_detect = false, delim = ',', quote = '\"', escape = '\"', "
         f"columns = {{{declared}}}))"
     )
@@ -95,16 +96,22 @@ _VALUE = re.compile(r"Could not convert string \"(.*?)\" to '([A-Z]+)")
 _FILE = re.compile(r"^\s*file = (.+)$", re.MULTILINE)
 
 
-def explain(exc: duckdb.Error, context: str) -> FedmergeError:
-    """One line for a DuckDB error: the file, line, column and value where it can tell."""
+def explain(exc: duckdb.Error, context: str, chunk: tuple[str, int] | None = None
+            ) -> FedmergeError:  # fmt: skip
+    """One line for a DuckDB error: the file, line, column and value where it can tell.
+
+    `chunk` = (original file, line offset) when DuckDB read an uncompressed chunk of that file
+    (`common.data.chunked`): the report names the original file and its line.
+    """
     text = str(exc)
     file_match = _FILE.search(text)
     where = file_match.group(1).strip() if file_match else context
+    where = chunk[0] if chunk else where
     line = _LINE.search(text)
     column = _COLUMN.search(text)
     value = _VALUE.search(text)
     if column and value:
-        at = f"line {line.group(1)}, " if line else ""
+        at = f"line {int(line.group(1)) + (chunk[1] if chunk else 0)}, " if line else ""
         expected = _TYPE_WORDS.get(value.group(2), value.group(2).lower())
         return FedmergeError(
             f"{where}: {at}column '{column.group(1)}': '{value.group(1)}' is not {expected}"
@@ -134,14 +141,15 @@ def connect(spill: Path | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         con.close()
 
 
-def run(con: duckdb.DuckDBPyConnection, sql: str, context: str) -> None:
-    """Execute `sql`; any DuckDB failure becomes one FedmergeError."""
+def run(con: duckdb.DuckDBPyConnection, sql: str, context: str,
+        chunk: tuple[str, int] | None = None) -> None:  # fmt: skip
+    """Execute `sql`; any DuckDB failure becomes one FedmergeError (see `explain`)."""
     import duckdb
 
     try:
         con.execute(sql)
     except duckdb.Error as exc:
-        raise explain(exc, context) from None
+        raise explain(exc, context, chunk) from None
 
 
 def rows(con: duckdb.DuckDBPyConnection, sql: str, context: str) -> list[tuple]:

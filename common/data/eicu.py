@@ -15,6 +15,7 @@ hospital id: the natural federated split of the multi-centre database.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from common.data import cohort_cache, progress
@@ -237,10 +238,10 @@ TABLES = ("patient", "hospital", "apacheApsVar", "admissionDx", "diagnosis", "me
 
 def load_eicu(
     directory: Path, *, site: str = "region", hours: float = 24.0, cache: str | None = None
-) -> list[PatientRecord]:
+) -> Sequence[PatientRecord]:
     """Records of every labelled unit stay in an eICU export (plain or gzipped CSV tables).
 
-    The finished cohort is kept as Parquet (`common.data.cohort_cache`, keyed by the seven
+    The finished cohort is kept as an Arrow file (`common.data.cohort_cache`, keyed by the seven
     tables' fingerprints and the settings), so only the first load reads the tables.
     """
     if not directory.is_dir():
@@ -252,7 +253,7 @@ def load_eicu(
     key = cohort_cache.cache_key("eicu", files, {"site": site, "hours": hours})
     table = cohort_cache.read_cached(store, key)
     if table is not None:
-        progress.say(f"eicu: cohort from cache {store / key}.parquet")
+        progress.say(f"eicu: cohort from cache {cohort_cache.cached_path(store, key)}")
         return cohort_cache.table_to_records(table)
     with progress.step("eicu", "reading the tables"):
         records = _load(directory, site=site, hours=hours)

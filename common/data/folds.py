@@ -9,8 +9,9 @@ depend on record order, on which other records a site holds, or on the Python ha
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Sequence
 
+from common.data import lazy
 from common.errors import FedmergeError
 from common.records import PatientRecord
 
@@ -32,8 +33,14 @@ def fold_of(stay_id: str, folds: int, seed: int = 0) -> int:
 
 
 def select_fold(
-    records: Iterable[PatientRecord], fold: int, folds: int, seed: int = 0
-) -> list[PatientRecord]:
-    """The records of fold `fold` (0-based) of `folds`, in their original order."""
+    records: Sequence[PatientRecord], fold: int, folds: int, seed: int = 0
+) -> Sequence[PatientRecord]:
+    """The records of fold `fold` (0-based) of `folds`, in their original order.
+
+    Reads only the stay ids, so lazy records (`common.data.lazy`) give a view that builds
+    nothing until the fold's records are read.
+    """
     _check(folds, fold)
-    return [r for r in records if fold_of(r.stay_id, folds, seed) == fold]
+    ids = lazy.stay_ids(records)
+    chosen = [i for i, stay in enumerate(ids) if fold_of(stay, folds, seed) == fold]
+    return lazy.take(records, chosen)

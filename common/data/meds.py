@@ -26,6 +26,7 @@ has several labels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -148,7 +149,7 @@ def _build(data: list[Path], labels: list[Path], codes: Path | None, hours: int)
                  {items('procedures', text.PROCEDURES_HEADER, False, '')},
                  {items('outputs', text.OUTPUTS_HEADER, False, '')},
                  diagnoses AS (SELECT rid, 'The patient is diagnosed with ' ||
-                     string_agg(title, ';' ORDER BY first, title) || '.' AS sentence
+                     {text.sql_joined('title', 'first', 'title')} || '.' AS sentence
                    FROM (SELECT w.rid, {name} AS title, min(w.time) AS first
                          FROM windowed w LEFT JOIN codes c USING (code)
                          WHERE w.section = 'diagnoses' GROUP BY ALL) GROUP BY rid)
@@ -172,7 +173,7 @@ def load_meds(
     hours: int = 48,
     site: str | None = None,
     cache: str | None = None,
-) -> list[PatientRecord]:
+) -> Sequence[PatientRecord]:
     """One record per label row of a MEDS dataset (see module doc)."""
     if not directory.is_dir():
         raise FedmergeError(f"{directory}: MEDS directory not found")

@@ -10,11 +10,13 @@ dataset's own). Chart events and medications are the numeric sections the hard v
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import NamedTuple
 
 import pyarrow as pa
 
 from common.data.cohort_cache import paused_gc
+from common.data.lazy import LazyRecords
 from common.records import PatientRecord, Section
 
 GENDERS = {"M": "male", "F": "female"}
@@ -85,9 +87,14 @@ def sections_from_texts(texts: dict[str, str | None]) -> tuple[Section, ...]:
     )
 
 
-def records_from_table(table: pa.Table, site: str | None) -> list[PatientRecord]:
-    """PatientRecords from a cohort table (fresh or cached): `stay_id`, `label` and one text
-    column per section name (null where the stay has none)."""
+def records_from_table(table: pa.Table, site: str | None) -> LazyRecords:
+    """The records of a cohort table (fresh or cached), built when read (`common.data.lazy`)."""
+    return LazyRecords(table, partial(build_records, site=site), site=site)
+
+
+def build_records(table: pa.Table, site: str | None) -> list[PatientRecord]:
+    """PatientRecords from a cohort table: `stay_id`, `label` and one text column per section
+    name (null where the stay has none)."""
     names = [name for name in SECTION_NAMES if name in table.column_names]
     texts = [table.column(name).to_pylist() for name in names]
     numeric = [name in NUMERIC for name in names]
@@ -131,10 +138,27 @@ def sql_words(value: str) -> str:
     return f"trim(regexp_replace(coalesce({value}, ''), '\\s+', ' ', 'g'))"
 
 
+def sql_joined(items: str, *order: str) -> str:
+    """An aggregate: `items` joined by ';' in the order of the `order` expressions.
+
+    The same text as `string_agg(items, ';' ORDER BY order...)`, whose ordered aggregate goes
+    through DuckDB's general sorter; collecting (order keys, item) structs unordered and
+    sorting each stay's short list was somewhat faster on the 40k-stay bench's million chart
+    means (2.0 s against 2.25 s, three alternating runs each on a shared 2-core machine; the
+    diagnosis titles: no difference). Most of the chart sentence's time is printing the means.
+    Equal keys are ordered by the item itself, so the text never depends on thread timing;
+    NULL items are skipped and NULL keys sort last, as in string_agg.
+    """
+    keys = ", ".join(f"k{i} := {expr}" for i, expr in enumerate(order))
+    pairs = f"list(struct_pack({keys}, v := {items}))"
+    joined = f"array_to_string(list_transform(list_sort({pairs}), lambda x: x.v), ';')"
+    return f"(CASE WHEN count({items}) = 0 THEN NULL ELSE {joined} END)"  # string_agg's NULL
+
+
 def sql_sentence(header: str, items: str, order: str) -> str:
     """An aggregate: `header` + items joined by ';' in `order` + '.'."""
     quoted = header.replace("'", "''")
-    return f"'{quoted}' || string_agg({items}, ';' ORDER BY {order}) || '.'"
+    return f"'{quoted}' || {sql_joined(items, order)} || '.'"
 
 
 def sql_demographics(race: str, gender: str, age: str, insurance: str, diagnoses: str) -> str:

@@ -7,18 +7,23 @@ matches nothing is an error naming the sites the data does hold, never an empty 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from common.data import lazy
 from common.errors import FedmergeError
 from common.records import PatientRecord
 
 
 def select_site(
-    records: list[PatientRecord], site: str, spec: str, option: str
-) -> list[PatientRecord]:
-    chosen = [r for r in records if r.site_id == site]
+    records: Sequence[PatientRecord], site: str, spec: str, option: str
+) -> Sequence[PatientRecord]:
+    """The stays of `site` (read from the site column when the records are lazy)."""
+    sites = lazy.site_ids(records)
+    chosen = [i for i, s in enumerate(sites) if s == site]
     if not chosen:
-        present = sorted({str(r.site_id) for r in records})
+        present = sorted({str(s) for s in sites})
         shown = ", ".join(present[:20]) + (", ..." if len(present) > 20 else "")
         raise FedmergeError(
             f"data spec {spec}: {option}={site} selects no stays (expected one of: {shown})"
         )
-    return chosen
+    return lazy.take(records, chosen)

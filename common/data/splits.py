@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 
+from common.data import lazy
 from common.errors import FedmergeError
 from common.records import PatientRecord
 
@@ -28,28 +29,34 @@ def _rng(seed: int, tag: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, tag])
 
 
-def _ordered(records: Sequence[PatientRecord]) -> list[PatientRecord]:
-    # Sort by stay id so the split does not depend on the loader's row order.
-    return sorted(records, key=lambda r: r.stay_id)
+Part = Sequence[PatientRecord]  # a list, or a view of lazy records (common.data.lazy)
 
 
-def split_iid(records, sites: int, seed: int = 0) -> list[list[PatientRecord]]:
+def _ordered(records: Sequence[PatientRecord]) -> Part:
+    """The records sorted by stay id, so a split does not depend on the loader's row order.
+
+    Only the stay ids are read: lazy records stay unbuilt (a view in the new order).
+    """
+    ids = lazy.stay_ids(records)
+    return lazy.take(records, sorted(range(len(ids)), key=ids.__getitem__))
+
+
+def split_iid(records, sites: int, seed: int = 0) -> list[Part]:
     """A random permutation dealt round-robin: equal sizes and, in expectation, equal rates."""
     recs = _ordered(records)
     order = _rng(seed, 1).permutation(len(recs))
-    return [[recs[i] for i in order[k::sites]] for k in range(sites)]
+    return [lazy.take(recs, order[k::sites]) for k in range(sites)]
 
 
-def split_label(
-    records, sites: int, seed: int = 0, alpha: float = 0.5
-) -> list[list[PatientRecord]]:
+def split_label(records, sites: int, seed: int = 0, alpha: float = 0.5) -> list[Part]:
     """Label skew: each class is divided by its own Dirichlet(alpha) shares, so positive rates
     differ between sites while every site keeps both classes when it can."""
     recs = _ordered(records)
+    labels = lazy.labels(recs)
     rng = _rng(seed, 2)
-    out: list[list[PatientRecord]] = [[] for _ in range(sites)]
+    out: list[list[int]] = [[] for _ in range(sites)]
     for label in (0, 1):
-        idx = [i for i, r in enumerate(recs) if r.label == label]
+        idx = [i for i, y in enumerate(labels) if y == label]
         idx = [idx[i] for i in rng.permutation(len(idx))]
         shares = rng.dirichlet([alpha] * sites)
         # At least one of each class per site where the class is large enough.
@@ -58,12 +65,13 @@ def split_label(
         counts[np.argmax(shares)] += len(idx) - counts.sum()
         start = 0
         for k in range(sites):
-            out[k].extend(recs[i] for i in idx[start : start + counts[k]])
+            out[k].extend(idx[start : start + counts[k]])
             start += counts[k]
-    return [sorted(part, key=lambda r: r.stay_id) for part in out]
+    # recs is in stay-id order, so each site's positions sorted are its stays in that order.
+    return [lazy.take(recs, sorted(part)) for part in out]
 
 
-def split_size(records, sites: int, seed: int = 0, ratio: float = 4.0) -> list[list[PatientRecord]]:
+def split_size(records, sites: int, seed: int = 0, ratio: float = 4.0) -> list[Part]:
     """Size skew: site sizes form a geometric sequence whose largest/smallest is `ratio`."""
     recs = _ordered(records)
     order = _rng(seed, 3).permutation(len(recs))
@@ -72,23 +80,24 @@ def split_size(records, sites: int, seed: int = 0, ratio: float = 4.0) -> list[l
     counts[-1] += len(recs) - counts.sum()
     out, start = [], 0
     for c in counts:
-        out.append([recs[i] for i in order[start : start + c]])
+        out.append(lazy.take(recs, order[start : start + c]))
         start += c
     return out
 
 
-def split_region(records) -> tuple[list[str], list[list[PatientRecord]]]:
+def split_region(records) -> tuple[list[str], list[Part]]:
     """The data's own sites (`site_id`), in sorted order; records without one go together."""
-    groups: dict[str, list[PatientRecord]] = {}
-    for r in _ordered(records):
-        groups.setdefault(r.site_id or UNASSIGNED, []).append(r)
+    recs = _ordered(records)
+    groups: dict[str, list[int]] = {}
+    for i, site in enumerate(lazy.site_ids(recs)):
+        groups.setdefault(site or UNASSIGNED, []).append(i)
     names = sorted(groups)
-    return names, [groups[n] for n in names]
+    return names, [lazy.take(recs, groups[n]) for n in names]
 
 
 def split_records(
     records: Sequence[PatientRecord], split: str, sites: int | None, seed: int = 0
-) -> tuple[list[str], list[list[PatientRecord]]]:
+) -> tuple[list[str], list[Part]]:
     """Site names and their records for one split; every site must end up non-empty."""
     if split not in SPLITS:
         raise FedmergeError(f"split '{split}': expected one of {', '.join(SPLITS)}")

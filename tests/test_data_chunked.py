@@ -1,0 +1,94 @@
+"""The gzipped-CSV chunker that lets DuckDB parse chartevents on every core (issue 14)."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+from mimic4_fixture import COLUMNS, ROWS, write_mimic4, write_table
+
+from common.data import chunked, load_records
+from common.errors import FedmergeError
+
+
+def _gz(path: Path, text: str) -> Path:
+    with gzip.open(path, "wt", newline="") as handle:
+        handle.write(text)
+    return path
+
+
+def _pieces(source: Path, tmp_path: Path, size: int) -> list[tuple[str, int]]:
+    """Each chunk's text and first line, read before the chunker deletes it."""
+    return [(c.path.read_text(), c.first_line)
+            for c in chunked.chunks(source, tmp_path / "work", size)]  # fmt: skip
+
+
+def test_chunks_rebuild_the_table_and_number_their_lines(tmp_path):
+    rows = [f"{i},value {i}" for i in range(200)]
+    source = _gz(tmp_path / "t.csv.gz", "id,text\n" + "\n".join(rows) + "\n")
+    pieces = _pieces(source, tmp_path, 100)
+    assert len(pieces) > 5
+    body: list[str] = []
+    for text, first_line in pieces:
+        lines = text.splitlines()
+        assert lines[0] == "id,text"  # every chunk is a CSV of its own
+        assert lines[1] == rows[first_line - 2]  # file line 2 is row 0
+        body.extend(lines[1:])
+    assert body == rows
+    assert not any((tmp_path / "work").iterdir())  # every chunk file is gone
+
+
+def test_a_quoted_line_break_never_splits_a_row(tmp_path):
+    long_quote = '"' + "word\n" * 40 + '""quoted"" end"'
+    text = "id,text\n" + "".join(f"{i},{long_quote}\n" for i in range(6))
+    pieces = _pieces(_gz(tmp_path / "q.csv.gz", text), tmp_path, 64)
+    rebuilt = "".join(piece.split("\n", 1)[1] for piece, _ in pieces)
+    assert rebuilt == text.split("\n", 1)[1]
+    assert all(piece.split("\n", 1)[1].startswith(tuple("012345")) for piece, _ in pieces)
+    assert [first for _, first in pieces] == sorted({first for _, first in pieces})
+
+
+def test_leaving_early_removes_the_chunks_and_stops_the_inflater(tmp_path):
+    source = _gz(tmp_path / "t.csv.gz", "a\n" + "1\n" * 10_000)
+    for _chunk in chunked.chunks(source, tmp_path / "work", 256):
+        break
+    assert not any((tmp_path / "work").iterdir())
+
+
+def test_a_file_that_is_not_gzip_is_one_error(tmp_path):
+    source = tmp_path / "bad.csv.gz"
+    source.write_bytes(b"not gzip at all\n1,2\n")
+    with pytest.raises(FedmergeError, match=r"bad\.csv\.gz: cannot inflate"):
+        list(chunked.chunks(source, tmp_path, 64))
+
+
+@pytest.fixture
+def mimic_copy(tmp_path) -> Path:
+    return write_mimic4(tmp_path / "mimic4")
+
+
+def test_a_bad_value_in_a_later_chunk_names_its_line_in_the_whole_file(mimic_copy, monkeypatch):
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 200)  # a few rows per chunk
+    good = ROWS["icu/chartevents"]
+    rows = good * 5 + [dict(good[0], valuenum="high")]
+    write_table(mimic_copy / "icu/chartevents.csv.gz", COLUMNS["icu/chartevents"].split(), rows)
+    with pytest.raises(FedmergeError, match=rf"chartevents\.csv\.gz: line {len(rows) + 1}, "
+                       r"column 'valuenum': 'high' is not a number"):  # fmt: skip
+        load_records(f"mimic4:{mimic_copy}?cache=off")
+
+
+def test_small_chunks_give_the_same_records(mimic_copy, monkeypatch):
+    whole = [(r.stay_id, r.text) for r in load_records(f"mimic4:{mimic_copy}?cache=off")]
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 150)
+    assert [(r.stay_id, r.text)
+            for r in load_records(f"mimic4:{mimic_copy}?cache=off")] == whole  # fmt: skip
+
+
+def test_a_damaged_chartevents_gz_is_one_error(mimic_copy):
+    path = mimic_copy / "icu/chartevents.csv.gz"
+    shutil.copy(path, path.with_suffix(".bak"))
+    path.write_bytes(path.read_bytes()[:-20])  # truncated: the gzip trailer is missing
+    with pytest.raises(FedmergeError, match=r"chartevents\.csv\.gz: cannot inflate"):
+        load_records(f"mimic4:{mimic_copy}?cache=off")
