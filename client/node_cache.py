@@ -10,6 +10,7 @@ process may serve several simulated nodes, so data entries are keyed by the node
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def scorer(cfg: NodeConfig, method: str, scoring: ScoringSettings):
     )
 
 
-def site_records(cfg: NodeConfig, hard: bool) -> tuple[str, list[PatientRecord]]:
+def site_records(cfg: NodeConfig, hard: bool) -> tuple[str, Sequence[PatientRecord]]:
     """(site name, records) of this node, loading and splitting the data spec once."""
     from common.data import load_records
 

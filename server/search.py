@@ -53,7 +53,8 @@ def best_within_noise(evals: Sequence[Evaluation]) -> Evaluation:
     candidate): the argmax of the Gaussian-process posterior mean of the AUROC curve over λ
     (`server.noisy_curve`), ties to the higher raw AUROC.
 
-    Why: the noise is independent across candidates while a merge's AUROC curve is smooth in
+    Why: the noise is nearly independent across candidates (a round's shared class totals add
+    a small common part, `common.metrics.noisy`) while a merge's AUROC curve is smooth in
     λ, so reading each λ together with its neighbours cuts the noise; the process weighs them
     by the known noise, unlike a fixed moving mean, which is too rough on a small cohort and
     biased at a sharp peak on a large one (numbers in noisy_curve's docstring). Candidates

@@ -92,3 +92,29 @@ def test_a_damaged_chartevents_gz_is_one_error(mimic_copy):
     path.write_bytes(path.read_bytes()[:-20])  # truncated: the gzip trailer is missing
     with pytest.raises(FedmergeError, match=r"chartevents\.csv\.gz: cannot inflate"):
         load_records(f"mimic4:{mimic_copy}?cache=off")
+
+
+def test_a_quote_that_never_closes_is_one_error_not_a_read_to_the_end(tmp_path):
+    rows = [f"{i},fine" for i in range(20)] + ['20,"opens and never closes'] + [
+        f"{i},more\n" for i in range(21, 2000)]
+    source = _gz(tmp_path / "q.csv.gz", "id,text\n" + "\n".join(rows) + "\n")
+    with pytest.raises(FedmergeError, match=r"q\.csv\.gz: line 22: a quoted field does not "
+                       r"close within"):  # fmt: skip
+        _pieces(source, tmp_path, 256)
+    assert not any((tmp_path / "work").iterdir())
+
+
+def test_a_row_with_an_extra_field_in_a_later_chunk_names_its_line_in_the_whole_file(
+        mimic_copy, monkeypatch):  # fmt: skip
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 200)  # a few rows per chunk
+    good = ROWS["icu/chartevents"]
+    path = mimic_copy / "icu/chartevents.csv.gz"
+    write_table(path, COLUMNS["icu/chartevents"].split(), good * 5)
+    with gzip.open(path, "rt", newline="") as handle:
+        text = handle.read()
+    lines = text.splitlines()
+    bad = len(lines) - 3  # one field too many on a row of a later chunk (file line bad + 1)
+    lines[bad] += ",surplus"
+    _gz(path, "\n".join(lines) + "\n")
+    with pytest.raises(FedmergeError, match=rf"chartevents\.csv\.gz: .*Line: {bad + 1}\b"):
+        load_records(f"mimic4:{mimic_copy}?cache=off")

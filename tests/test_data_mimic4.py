@@ -335,3 +335,29 @@ def test_other_timestamp_spellings_give_the_same_window(mimic_copy):
     ]
     write_table(mimic_copy / "icu" / "chartevents.csv.gz", COLUMNS["icu/chartevents"].split(), rows)
     assert texts(f"mimic4:{mimic_copy}") == EXPECTED
+
+
+def test_a_cache_whose_labels_are_not_0_or_1_is_rebuilt_not_served(mimic_copy, monkeypatch):
+    """Records are built when read, so the label column the node counts without building any
+    is checked when the cache is opened: a damaged one is a slower load, never wrong counts."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from pyarrow import ipc
+
+    monkeypatch.delenv("FEDMERGE_CACHE_DIR")
+    first = load_records(f"mimic4:{mimic_copy}")
+    (path,) = (mimic_copy / ".fedmerge-cache").glob("mimic4-*.arrow")
+    with pa.memory_map(str(path)) as mapped:
+        table = ipc.open_file(mapped).read_all()
+    column = table.column_names.index("label")
+    damaged = table.set_column(column, "label",
+                               pc.add(table.column("label"), pa.scalar(2, pa.int8())))
+    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, damaged.schema) as out:
+        out.write_table(damaged)
+    rebuilt = []
+    import common.data.mimic4 as mimic4
+
+    build = mimic4._build
+    monkeypatch.setattr(mimic4, "_build", lambda *a, **k: rebuilt.append(1) or build(*a, **k))
+    assert load_records(f"mimic4:{mimic_copy}") == first
+    assert rebuilt == [1]

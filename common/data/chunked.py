@@ -46,16 +46,29 @@ def is_gzip(path: Path) -> bool:
     return path.suffix.lower() == ".gz"
 
 
+# A quoted field may span lines, but not this far: past it, the quote is taken as never closed
+# (a damaged export) and reported, rather than read on to the end of a 30 GB file.
+MAX_PENDING_CHUNKS = 4
+
+
 def _cut(data: bytes) -> int:
     """Index just past the last line break of `data` outside quotes; 0 when there is none.
 
     `data` starts outside quotes (every chunk does), so a line break is outside a quoted
     field exactly when an even number of quote characters precede it (an escaped quote is
-    written doubled, which keeps the parity).
+    written doubled, which keeps the parity). One pass: the quotes before the last break are
+    counted once, then those of each line are taken off while walking back.
     """
     end = data.rfind(b"\n")
-    while end >= 0 and data.count(b'"', 0, end) % 2:
-        end = data.rfind(b"\n", 0, end)
+    if end < 0:
+        return 0
+    quotes = data.count(b'"', 0, end)
+    while quotes % 2:
+        previous = data.rfind(b"\n", 0, end)
+        if previous < 0:
+            return 0
+        quotes -= data.count(b'"', previous, end)
+        end = previous
     return end + 1
 
 
@@ -92,6 +105,12 @@ class _Inflater(threading.Thread):
                 data = pending + block if pending else block
                 cut = _cut(data) if block else len(data)
                 if cut == 0 and block:
+                    if len(data) > MAX_PENDING_CHUNKS * self.chunk_bytes:
+                        raise FedmergeError(
+                            f"{self.source}: line {line}: a quoted field does not close within "
+                            f"{len(data) >> 20} MiB; expected every '\"' to be closed (a "
+                            "damaged or truncated export?)"
+                        )
                     pending = data  # one row longer than a chunk: read on
                     continue
                 if data[:cut]:
@@ -126,6 +145,8 @@ def chunks(source: Path, temp_dir: Path | None = None,
             item = inflater.ready.get()
             if item is _DONE:
                 return
+            if isinstance(item, FedmergeError):  # the inflater's own finding, already one line
+                raise item
             if isinstance(item, Exception):  # not gzip, truncated, disk full: one line
                 raise FedmergeError(f"{source}: cannot inflate ({item})") from None
             if isinstance(item, BaseException):

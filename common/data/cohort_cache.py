@@ -101,9 +101,24 @@ def read_cached(directory: Path | None, key: str) -> pa.Table | None:
         return None
     try:
         with pa.memory_map(str(path)) as mapped:
-            return ipc.open_file(mapped).read_all()
+            table = ipc.open_file(mapped).read_all()
+        table.validate()
     except (OSError, pa.ArrowException):
         return None  # a damaged cache is only a slower load, never an error
+    # Records are built when read (`common.data.lazy`), so what the node reads without
+    # building any (the label column: fold counts, the policy's minimums) is checked here.
+    if "label" in table.column_names and not _labels_are_binary(table.column("label")):
+        return None
+    return table
+
+
+def _labels_are_binary(labels: pa.ChunkedArray) -> bool:
+    import pyarrow.compute as pc
+
+    if labels.null_count:
+        return False
+    return len(labels) == 0 or bool(pc.all(pc.is_in(labels, value_set=pa.array([0, 1],
+                                                                          labels.type))).as_py())
 
 
 def write_cached(directory: Path | None, key: str, table: pa.Table) -> Path | None:

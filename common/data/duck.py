@@ -117,6 +117,8 @@ def explain(exc: duckdb.Error, context: str, chunk: tuple[str, int] | None = Non
             f"{where}: {at}column '{column.group(1)}': '{value.group(1)}' is not {expected}"
         )
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if chunk:  # a structural error (quote, column count): its line is the chunk's
+        first = _LINE.sub(lambda m: f"CSV Error on Line: {int(m.group(1)) + chunk[1]}", first)
     return FedmergeError(f"{where}: {first}")
 
 
