@@ -555,6 +555,13 @@ def pick(rows, **want) -> dict:
     return found[0]
 
 
+def by_histogram(rows, dataset: str, epsilon: float, keys: tuple[str, ...]) -> dict:
+    """`keys` of a dataset's distributed-mode row at `epsilon`, for every bins × placement."""
+    return {f"{b}-{p}": {k: pick(rows, dataset=dataset, bins=b, placement=p, mode="distributed",
+                                 epsilon=epsilon)[k] for k in keys}
+            for b in BINS for p in PLACEMENTS}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parents", nargs=2, type=Path, default=None)
@@ -648,13 +655,10 @@ def main() -> None:
         out["eicu_error_eps8"] = row["auroc_error_smoothed_mean"]
         out["eicu_error_eps8_raw"] = row["auroc_error_mean"]
         out["eicu_error_eps8_se"] = row["auroc_error_smoothed_se"]
-        out["eicu_eps8_by_histogram"] = {
-            f"{b}-{p}": {k: pick(rows, dataset="eicu", bins=b, placement=p, mode="distributed",
-                                 epsilon=8.0)[k]
-                         for k in ("regret_mean", "regret_se", "regret_max", "regret_argmax_mean",
-                                   "auroc_error_mean", "auroc_error_smoothed_mean",
-                                   "auprc_error_mean")}
-            for b in BINS for p in PLACEMENTS}
+        out["eicu_eps8_by_histogram"] = by_histogram(
+            rows, "eicu", 8.0, ("regret_mean", "regret_se", "regret_max", "regret_argmax_mean",
+                                "auroc_error_mean", "auroc_error_smoothed_mean",
+                                "auprc_error_mean"))
     else:
         out["eicu_regret_eps8"] = out["eicu_error_eps8"] = None
     if large:
@@ -664,10 +668,8 @@ def main() -> None:
         out["large_regret_eps1_se"] = row["regret_se"]
         out["large_regret_eps1_max"] = row["regret_max"]
         out["large_regret_eps1_argmax"] = row["regret_argmax_mean"]
-        out["large_regret_eps1_by_histogram"] = {
-            f"{b}-{p}": {k: pick(rows, dataset="large", bins=b, placement=p, mode="distributed",
-                                 epsilon=1.0)[k] for k in ("regret_mean", "regret_se")}
-            for b in BINS for p in PLACEMENTS}
+        out["large_regret_eps1_by_histogram"] = by_histogram(
+            rows, "large", 1.0, ("regret_mean", "regret_se"))
         out["large"] = large
     else:
         out["large_regret_eps1"] = None

@@ -15,11 +15,13 @@ from pathlib import Path
 
 
 def write_atomic(path: Path, data: str | bytes, *, mode: int | None = None,
-                 overwrite: bool = True) -> None:
+                 overwrite: bool = True, durable: bool = True) -> None:
     """Write `data` to `path` atomically. `mode`: the file's permissions from the first byte
     (key material is never readable by others, even briefly). `overwrite=False` raises
     FileExistsError instead of replacing a file that exists, including one that appears
-    while writing (a hard link never clobbers)."""
+    while writing (a hard link never clobbers). `durable=False` skips the fsync: for files
+    rewritten at every tick (run progress), where whole matters and surviving a power cut
+    does not."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
@@ -30,7 +32,8 @@ def write_atomic(path: Path, data: str | bytes, *, mode: int | None = None,
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         if overwrite:
             os.replace(tmp, path)
         else:

@@ -21,9 +21,9 @@ PROGRESS_NAME = "progress.json"
 REPORT_NAME = "report.json"
 
 
-def write_json(path: Path, payload: dict) -> None:
+def write_json(path: Path, payload: dict, *, durable: bool = True) -> None:
     """Atomically: a reader never sees half a file."""
-    write_atomic(path, json.dumps(payload, indent=2) + "\n")
+    write_atomic(path, json.dumps(payload, indent=2) + "\n", durable=durable)
 
 
 class RunTracker:
@@ -45,7 +45,8 @@ class RunTracker:
 
     def _write(self) -> None:
         self.state["elapsed_s"] = round(time.time() - self.started, 1)
-        write_json(self.out / PROGRESS_NAME, self.state)
+        # Rewritten at every site's progress tick: whole for readers, no fsync each time.
+        write_json(self.out / PROGRESS_NAME, self.state, durable=False)
 
     def _mark_stage(self, stage: str) -> None:
         self.state["stage"] = stage

@@ -28,13 +28,13 @@ class SimulationResult:
     sites: list[str]
 
 
-
 class SimulationFailed(FedmergeError):
     """The tuning run stopped; `report` is the report.json it left (stage, cause, sites)."""
 
     def __init__(self, message: str, *, report: Path | None = None) -> None:
         super().__init__(message)
         self.report = report
+
 
 def default_data_spec(sites: int | None) -> str:
     return f"synthetic:sites={sites}" if sites else "synthetic:"

@@ -283,7 +283,7 @@ def test_chart_error_wins_when_tables_read_side_by_side_both_fail(mimic_copy):
 def test_records_are_built_with_the_collector_paused_then_restored():
     import gc
 
-    from common.data.cohort_cache import paused_gc
+    from common.data.lazy import paused_gc
 
     assert gc.isenabled()
     with pytest.raises(RuntimeError), paused_gc():

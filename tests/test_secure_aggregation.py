@@ -89,8 +89,11 @@ def test_below_threshold_fails_with_a_clear_message():
     sites = [random_hists(rng, 1, 9) for _ in range(5)]
     with pytest.raises(
         FedmergeError, match=r"secure aggregation halted.*threshold 3.*site:handler-failed"
-    ):
+    ) as stopped:
         _run(sites, failing={0, 1, 2}, candidates=1)
+    # The stop carries its cause code and the failing nodes, which the report names as sites.
+    assert stopped.value.cause == "too-few-sites"
+    assert sorted(stopped.value.nodes) == [100, 101, 102]
 
 
 def test_upstream_masks_on_one_side_break_the_sum():

@@ -138,12 +138,11 @@ def load_records(spec: str, *, hard: bool = False) -> Sequence[PatientRecord]:
             f"data spec {spec}: the hard variant needs structured sections, but jsonl/csv "
             "records are plain text (use mimic4: or eicu:, or a file already in the hard form)"
         )
-    from common.data.lazy import LazyRecords
+    from common.data.lazy import LazyRecords, hard_variant
 
     if isinstance(records, LazyRecords):  # table-backed records always have sections
         return records.hard()
-    # A structured stay with nothing recorded has no sections and an empty text either way.
     try:
-        return [r.hard() if r.sections or r.text else r for r in records]
+        return [hard_variant(r) for r in records]
     except ValueError as exc:
         raise FedmergeError(f"data spec {spec}: {exc}") from None

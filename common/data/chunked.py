@@ -113,7 +113,7 @@ class _Inflater(threading.Thread):
                         )
                     pending = data  # one row longer than a chunk: read on
                     continue
-                if data[:cut]:
+                if cut:
                     self._put(Chunk(self._write(count, header, data, cut), line))
                     line, count = line + data.count(b"\n", 0, cut), count + 1
                 pending = data[cut:]

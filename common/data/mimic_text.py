@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import pyarrow as pa
 
-from common.data.cohort_cache import paused_gc
 from common.data.lazy import LazyRecords
 from common.records import PatientRecord, Section
 
@@ -98,19 +97,18 @@ def build_records(table: pa.Table, site: str | None) -> list[PatientRecord]:
     names = [name for name in SECTION_NAMES if name in table.column_names]
     texts = [table.column(name).to_pylist() for name in names]
     numeric = [name in NUMERIC for name in names]
-    records = []
-    with paused_gc():  # ~200k small objects for 40k stays: see paused_gc
-        for stay_id, label, *parts in zip(table.column("stay_id").to_pylist(),
-                                          table.column("label").to_pylist(), *texts,
-                                          strict=True):  # fmt: skip
-            sections = tuple(
-                Section(name=name, text=part, numeric=flag)
-                for name, part, flag in zip(names, parts, numeric, strict=True)
-                if part
-            )
-            records.append(PatientRecord(stay_id=stay_id, site_id=site, label=label,
-                                         text=" ".join(x.text for x in sections),
-                                         sections=sections))  # fmt: skip
+    records = []  # built under `common.data.lazy.paused_gc`, by `LazyRecords`
+    for stay_id, label, *parts in zip(table.column("stay_id").to_pylist(),
+                                      table.column("label").to_pylist(), *texts,
+                                      strict=True):  # fmt: skip
+        sections = tuple(
+            Section(name=name, text=part, numeric=flag)
+            for name, part, flag in zip(names, parts, numeric, strict=True)
+            if part
+        )
+        records.append(PatientRecord(stay_id=stay_id, site_id=site, label=label,
+                                     text=" ".join(x.text for x in sections),
+                                     sections=sections))  # fmt: skip
     return records
 
 
