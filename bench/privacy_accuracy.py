@@ -369,7 +369,7 @@ def _config(c: Cohort, spec: HistogramSpec, hists: np.ndarray, ref: Reference, m
     n_sites = len(c.sites)
     cal = None
     if math.isfinite(eps):
-        cal = calibrate(settings_for(mode, eps, n_sites), dims=2 * spec.bins)
+        cal = calibrate(settings_for(mode, eps, n_sites))
     runs = 1 if cal is None else seeds
     err_au, err_ap, regrets, chosen, naive, err_smooth = [], [], [], [], [], []
     for _ in range(runs):

@@ -97,7 +97,7 @@ def ledger_cmd(
     spent = spent_epsilon(ReleaseLedger(cfg.ledger), privacy.max_delta)
     console.print(
         f"privacy budget: ε spent {spent:.3g} of {privacy.max_epsilon_total:g} "
-        f"(δ = {privacy.max_delta:.0e}; zCDP composed over every noisy release)"
+        f"(δ = {privacy.max_delta:.0e}; every noisy release composed, PLD accountant)"
     )
 
 

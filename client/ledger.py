@@ -13,16 +13,23 @@ ignored when read (that release was not completed). `fedmerge node ledger` shows
 What it does not stop without noise: different candidates on one fold summed over different
 site sets still differ by the dropped site's stay and death counts (every histogram of a fold
 has the same totals). Differential privacy bounds that: a noisy release is not refused for
-its site count but CHARGED here (its zCDP ρ), and a release that would take the fold past the
-site's total (ε, δ) budget is refused (`dp:budget-exhausted`). zCDP composes by adding ρ;
-folds of one partition hold different patients, so a patient's spend is the largest sum
-over the folds of a partition, and different partitions add up.
+its site count but CHARGED here (its noise scale σ, the candidates it released, and their
+zCDP ρ), and a release that would take the site past its total (ε, δ) budget is refused
+(`dp:budget-exhausted`). A patient lies in one fold of each partition (folds, fold seed), so
+the patient charged most is found by trying every choice of one fold per partition and
+composing that choice's releases with dp-accounting's PLDs (`common.dp.accounting.epsilon_of`,
+the same tight accountant a run is calibrated with, so a site whose total cap equals its
+per-run cap accepts exactly one such run). With more than 64 such choices, the zCDP bound of
+the largest fold per partition stands in (looser, never smaller than the truth).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -51,6 +58,20 @@ class Release(BaseModel):
     sites: int
     # zCDP cost of this release for any one patient of the fold (0: an exact, noiseless sum).
     rho: float = 0.0
+    # Scale of the guaranteed noise per count, and KLS's τ of a distributed sum (per candidate).
+    # Lines written before these existed: σ follows from ρ (ρ = candidates / 2σ²), τ was ~0.
+    sigma: float = 0.0
+    tau: float = 0.0
+
+    def charges(self):
+        """This release as the accountant composes it (None for an exact sum)."""
+        if self.rho <= 0:
+            return None
+        from common.dp.accounting import Gaussians
+
+        count = len(self.candidates)
+        sigma = self.sigma or math.sqrt(count / (2.0 * self.rho))
+        return Gaussians(sigma, count, self.tau)
 
 
 def terms_digest(instr: RoundInstructions) -> str:
@@ -60,20 +81,17 @@ def terms_digest(instr: RoundInstructions) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def release_rho(instr: RoundInstructions) -> float:
-    """What releasing `instr` costs a patient of its fold, in zCDP ρ (0 without noise)."""
-    if not instr.privacy.on:
-        return 0.0
-    from common.dp.accounting import calibrate
-
-    cal = calibrate(instr.privacy, 2 * instr.histogram.bins)
-    return len(instr.candidates) * cal.rho_release
-
-
 def release_of(instr: RoundInstructions, *, run: int, sites: int, now: float | None = None
                ) -> Release:
+    noise: dict = {}
+    if instr.privacy.on:
+        from common.dp.accounting import calibrate
+
+        cal = calibrate(instr.privacy)
+        noise = dict(rho=len(instr.candidates) * cal.rho_release, sigma=cal.sigma_total,
+                     tau=cal.tau_release)
     return Release(
-        rho=release_rho(instr),
+        **noise,
         time=time.time() if now is None else now,
         run=run,
         round=instr.round,
@@ -104,9 +122,10 @@ class ReleaseLedger:
                 continue  # a line torn by a crash: that release never completed
         return out
 
-    def spent_rho(self, extra: Release | None = None) -> float:
-        """zCDP ρ spent by the most-charged patient, `extra` included (see `rho_spent`)."""
-        return rho_spent([*self.entries(), *([extra] if extra is not None else [])])
+    def spent_epsilon(self, delta: float, extra=()) -> float:
+        """ε at δ of the most-charged patient, with `extra` charges (a run about to start)
+        composed on top (see `epsilon_spent`)."""
+        return epsilon_spent(self.entries(), delta, extra)
 
     def check(self, release: Release, max_per_day: int,
               budget: tuple[float, float] | None = None) -> str | None:
@@ -116,7 +135,8 @@ class ReleaseLedger:
         if len(today) >= max_per_day:
             return "ledger:daily-cap"
         if release.rho > 0:
-            if budget is not None and over_budget(self.spent_rho(release), budget):
+            if budget is not None and over_budget(epsilon_spent([*earlier, release], budget[1]),
+                                                  budget):
                 return "dp:budget-exhausted"
             return None  # charged, not refused for its site count
         mine = set(release.candidates)
@@ -127,9 +147,10 @@ class ReleaseLedger:
                 return "ledger:would-isolate"
         return None
 
-    def charge_would_exceed(self, rho_run: float, budget: tuple[float, float]) -> bool:
-        """Whether a whole run costing `rho_run` per patient would exceed the budget."""
-        return over_budget(self.spent_rho() + rho_run, budget)
+    def charge_would_exceed(self, run_charges, budget: tuple[float, float]) -> bool:
+        """Whether a whole run (its `Gaussians`, every release of one fold) would take the
+        most-charged patient past the budget: composed as if that patient were in it."""
+        return over_budget(self.spent_epsilon(budget[1], extra=[run_charges]), budget)
 
     def record(self, release: Release) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,26 +164,73 @@ class ReleaseLedger:
 
 def rho_spent(entries: list[Release]) -> float:
     """zCDP ρ spent by the most-charged patient: per partition (folds, seed) the largest
-    fold's sum, summed over partitions."""
-    per_fold: dict[tuple[int, int, int], float] = {}
+    fold's sum, summed over partitions (shown beside ε; the budget is checked in ε)."""
+    return float(sum(max(f.values()) for f in _rho_by_fold(entries).values()))
+
+
+def _rho_by_fold(entries: list[Release]) -> dict[tuple[int, int], dict[int, float]]:
+    out: dict[tuple[int, int], dict[int, float]] = {}
     for e in entries:
-        key = (e.folds, e.fold_seed, e.fold)
-        per_fold[key] = per_fold.get(key, 0.0) + e.rho
-    per_partition: dict[tuple[int, int], float] = {}
-    for (folds, seed, _), rho in per_fold.items():
-        per_partition[(folds, seed)] = max(per_partition.get((folds, seed), 0.0), rho)
-    return float(sum(per_partition.values()))
+        if e.rho > 0:
+            folds = out.setdefault((e.folds, e.fold_seed), {})
+            folds[e.fold] = folds.get(e.fold, 0.0) + e.rho
+    return out
 
 
-def over_budget(rho: float, budget: tuple[float, float]) -> bool:
-    """ρ-zCDP in total exceeds (max ε, δ)? (OpenDP's conversion, as the run's own ε.)"""
-    from common.dp.accounting import epsilon_of_rho
+MAX_FOLD_CHOICES = 64
 
-    max_epsilon, delta = budget
-    return rho > 0 and epsilon_of_rho(rho, delta) > max_epsilon + 1e-9
+
+def epsilon_spent(entries: list[Release], delta: float, extra=()) -> float:
+    """ε at δ of the most-charged patient over these releases, plus `extra` charges
+    (`Gaussians`) that every patient bears.
+
+    A patient sits in one fold per partition; the worst patient is the worst choice of one fold
+    per partition, each choice composed exactly (PLD, or zCDP where smaller). More than
+    `MAX_FOLD_CHOICES` choices: the largest ρ and the largest τ sum per partition, composed in
+    zCDP, bound every choice from above.
+    """
+    from common.dp.accounting import Gaussians, epsilon_of_rho
+
+    by_fold: dict[tuple[int, int], dict[int, list]] = {}
+    for e in entries:
+        c = e.charges()
+        if c is not None:
+            by_fold.setdefault((e.folds, e.fold_seed), {}).setdefault(e.fold, []).append(c)
+    extra = [c for c in extra if c.count > 0]
+    if not by_fold and not extra:
+        return 0.0
+    partitions = [list(folds.values()) for folds in by_fold.values()]
+    if math.prod(len(p) for p in partitions) > MAX_FOLD_CHOICES:
+        rho = sum(max(sum(c.count / (2 * c.sigma**2) for c in f) for f in p) for p in partitions)
+        tau = sum(max(sum(c.count * c.tau for c in f) for f in p) for p in partitions)
+        rho += sum(c.count / (2 * c.sigma**2) for c in extra)
+        return epsilon_of_rho(rho, delta) + tau + sum(c.count * c.tau for c in extra)
+    worst = 0.0
+    for choice in itertools.product(*partitions):
+        # Releases at one σ compose as one self-composed PLD; their τ (which differs only with
+        # the site count, below 1e-5 at usual scales) is taken at its largest, which can only
+        # raise the bound.
+        merged: dict[float, tuple[int, float]] = {}
+        for c in [*itertools.chain.from_iterable(choice), *extra]:
+            k, t = merged.get(c.sigma, (0, 0.0))
+            merged[c.sigma] = (k + c.count, max(t, c.tau))
+        charges = tuple(sorted(Gaussians(s, k, t) for s, (k, t) in merged.items()))
+        worst = max(worst, _epsilon_cached(charges, delta))
+    return worst
+
+
+@functools.lru_cache(maxsize=1024)
+def _epsilon_cached(charges: tuple, delta: float) -> float:
+    """A ledger is re-read at every round; the same choices compose to the same ε."""
+    from common.dp.accounting import epsilon_of
+
+    return epsilon_of(charges, delta)[0]
+
+
+def over_budget(epsilon: float, budget: tuple[float, float]) -> bool:
+    """ε spent (at the budget's δ) exceeds the budget's ε?"""
+    return epsilon > budget[0] + 1e-9
 
 
 def spent_epsilon(ledger: ReleaseLedger, delta: float) -> float:
-    from common.dp.accounting import epsilon_of_rho
-
-    return epsilon_of_rho(ledger.spent_rho(), delta)
+    return ledger.spent_epsilon(delta)

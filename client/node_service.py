@@ -322,13 +322,12 @@ def node_report(node_file: Path, runs: int = 5) -> NodeReport:
 
 
 def _ledger_summary(path: Path, per_day: int, delta: float) -> dict:
-    from client.ledger import DAY_S, ReleaseLedger, rho_spent
-    from common.dp.accounting import epsilon_of_rho
+    from client.ledger import DAY_S, ReleaseLedger, epsilon_spent
 
     entries = ReleaseLedger(path).entries() if path.exists() else []
     now = time.time()
     return {
-        "epsilon_spent": epsilon_of_rho(rho_spent(entries), delta),
+        "epsilon_spent": epsilon_spent(entries, delta),
         "delta": delta,
         "path": str(path),
         "releases": len(entries),

@@ -61,9 +61,10 @@ def check_budget(cfg: NodeConfig, ann: Announcement) -> str | None:
     from client.ledger import ReleaseLedger
     from common.dp.accounting import calibrate
 
-    cal = calibrate(ann.privacy, 2 * ann.histogram.bins)
+    cal = calibrate(ann.privacy)
     budget = (cfg.policy.privacy.max_epsilon_total, cfg.policy.privacy.max_delta)
-    if ReleaseLedger(cfg.ledger).charge_would_exceed(cal.rho_run, budget):
+    if ReleaseLedger(cfg.ledger).charge_would_exceed(cal.charges(ann.privacy.releases),
+                                                     budget):
         return "dp:budget-exhausted"
     return None
 
@@ -132,7 +133,7 @@ def noisy_release(histograms: Histograms, instr: RoundInstructions) -> Histogram
     from common.dp.accounting import calibrate
     from common.dp.noise import noisy_counts
 
-    sigma = calibrate(instr.privacy, 2 * instr.histogram.bins).sigma_site
+    sigma = calibrate(instr.privacy).sigma_site
     return [(noisy_counts(p, sigma), noisy_counts(n, sigma)) for p, n in histograms]
 
 

@@ -125,16 +125,21 @@ class PidFile:
         self.path = Path(path)
 
     def pid(self) -> int | None:
-        """The pid written there if that very process still runs, else None. The file holds
-        the pid and the process's create time (a file with a pid alone, as written before,
-        is judged by the pid)."""
+        """The pid written there if that very process still runs, else None."""
+        found = self.process()
+        return None if found is None else found[0]
+
+    def process(self) -> tuple[int, float | None] | None:
+        """(pid, create time) written there if that very process still runs, else None. The
+        file holds the pid and the process's create time (a file with a pid alone, as written
+        before, is judged by the pid)."""
         try:
             fields = self.path.read_text().split()
             pid = int(fields[0])
             started = float(fields[1]) if len(fields) > 1 else None
         except (OSError, ValueError, IndexError):
             return None
-        return pid if _running(pid, started) else None
+        return (pid, started) if _running(pid, started) else None
 
     def claim(self, what: str, stop_hint: str) -> None:
         running = self.pid()
@@ -155,13 +160,15 @@ class PidFile:
 def stop_by_pid_file(pid_file: Path, *, what: str, timeout: float = 30.0) -> int | None:
     """SIGTERM the supervisor named in `pid_file` and wait until it (and so its children,
     which it stops before exiting) is gone; the pid stopped, or None if none was running."""
-    pid = PidFile(pid_file).pid()
-    if pid is None:
+    found = PidFile(pid_file).process()
+    if found is None:
         return None
+    pid, started = found
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _running(pid):
+        # Judged by its create time too: once it exits, its pid may go to another process.
+        if not _running(pid, started):
             return pid
         time.sleep(0.1)
     raise FedmergeError(

@@ -101,7 +101,7 @@ def privacy_summary(recipe: TuningRecipe, announced_sites: int) -> dict:
         return out
     from common.dp.accounting import calibrate
 
-    cal = calibrate(terms, 2 * recipe.histogram_spec.bins)
+    cal = calibrate(terms)
     out.update(
         epsilon=round(cal.epsilon, 6),
         epsilon_target=terms.epsilon,
@@ -111,9 +111,12 @@ def privacy_summary(recipe: TuningRecipe, announced_sites: int) -> dict:
         sigma_site=round(cal.sigma_site, 6),
         sigma_sum=round(cal.sigma_total, 6),
         rho_run=round(cal.rho_run, 8),
+        accountant=cal.accountant,
+        epsilon_zcdp=round(cal.epsilon_zcdp, 6),
         neighbouring="one patient added or removed at one site",
         sensitivity="1 count in each candidate's histograms (L2 = L1 = 1 per release)",
-        mechanism="discrete Gaussian (OpenDP), zCDP composed, converted to (epsilon, delta)",
+        mechanism=("discrete Gaussian (OpenDP sampler); every release composed with "
+                   "dp-accounting's privacy loss distributions (zCDP bound beside it)"),
     )
     return out
 
@@ -124,7 +127,7 @@ def noise_variance(instr, summed_sites: int) -> float:
         return 0.0
     from common.dp.accounting import calibrate
 
-    cal = calibrate(instr.privacy, 2 * instr.histogram.bins)
+    cal = calibrate(instr.privacy)
     return cal.noise_variance(summed_sites)
 
 

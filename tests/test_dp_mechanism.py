@@ -63,7 +63,7 @@ def epsilon_lower_bound(sigma: float, trials: int) -> float:
 
 
 def test_attack_stays_below_the_claimed_epsilon_and_catches_too_little_noise():
-    cal = calibrate(PrivacySettings(mode="local", epsilon=CLAIM, delta=DELTA), dims=2 * BINS)
+    cal = calibrate(PrivacySettings(mode="local", epsilon=CLAIM, delta=DELTA))
     claimed = cal.epsilon
     assert 0.995 * CLAIM <= claimed <= CLAIM
     assert epsilon_lower_bound(cal.sigma_site, 40_000) <= claimed
@@ -73,7 +73,7 @@ def test_attack_stays_below_the_claimed_epsilon_and_catches_too_little_noise():
 
 
 def test_noisy_counts_is_integer_and_centred():
-    cal = calibrate(PrivacySettings(mode="local", epsilon=4.0, delta=DELTA, releases=11), 64)
+    cal = calibrate(PrivacySettings(mode="local", epsilon=4.0, delta=DELTA, releases=11))
     counts = np.full(40_000, 5, dtype=np.int64)
     out = noisy_counts(counts, cal.sigma_site)
     assert out.dtype == np.int64
@@ -127,7 +127,7 @@ def test_plug_in_estimator_beats_clamping_and_its_interval_covers():
     assert true == pytest.approx(roc_auc_score(labels, scores), abs=0.01)  # 32 bins lose little
     s = PrivacySettings(mode="distributed", epsilon=8.0, delta=DELTA, releases=11,
                         honest_sites=2)
-    cal = calibrate(s, dims=2 * BINS)
+    cal = calibrate(s)
     seeds = 600
     # Each site's release (site, class, bin) noised as the site would, then summed.
     noisy = noisy_counts(np.tile(release, (seeds, 1, 1, 1)), cal.sigma_site).sum(axis=1)

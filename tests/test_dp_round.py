@@ -69,7 +69,7 @@ def test_a_private_run_releases_noisy_sums_and_states_its_guarantee(tiny_parents
     assert p["honest_sites"] == (2 if mode == "distributed" else 1)  # a majority of 3
     terms = noisy.recipe.privacy_terms(3)
     assert noisy.recipe.histogram_spec.bins == 16  # the default with noise on
-    cal = calibrate(terms, 2 * 16)
+    cal = calibrate(terms)
     assert p["sigma_site"] == pytest.approx(cal.sigma_site, rel=1e-6)
     # Local noise is the full scale at every site; distributed splits it over the 2 honest.
     assert cal.sigma_site == pytest.approx(

@@ -372,12 +372,17 @@ def test_with_noise_the_difference_is_noise_and_the_ledger_charges_the_budget(ti
         histogram={"bins": 16, "lo": -4.0, "hi": 4.0},
         privacy={"mode": "distributed", "epsilon": 4.0},
     ).with_fingerprints()
-    from common.dp.accounting import calibrate, epsilon_of_rho
+    from common.dp.accounting import calibrate, epsilon_of
 
     terms = recipe.privacy_terms(4)
-    rho1 = calibrate(terms, 32).rho_release
+    cal = calibrate(terms)
+    rho1 = cal.rho_release
+
+    def eps(releases: int) -> float:
+        return epsilon_of([cal.charges(releases)], 1e-6)[0]
+
     # Room for run 2's announcement (2 + 11 releases) but not run 3's (4 + 11).
-    budget = 0.5 * (epsilon_of_rho(13 * rho1, 1e-6) + epsilon_of_rho(15 * rho1, 1e-6))
+    budget = 0.5 * (eps(13) + eps(15))
     configs = _four_sites(tiny_parents, tmp_path, privacy="distributed",
                           **{"max-epsilon-total": budget})
     first, _ = _one_run(tiny_parents, configs, recipe, [101, 102, 103, 104])
@@ -392,7 +397,9 @@ def test_with_noise_the_difference_is_noise_and_the_ledger_charges_the_budget(ti
     for i in range(3):
         ledger = ReleaseLedger(tmp_path / f"site-{i}.jsonl")
         assert [e.rho for e in ledger.entries()] == pytest.approx([2 * rho1] * 2)
-        assert spent_epsilon(ledger, 1e-6) == pytest.approx(epsilon_of_rho(4 * rho1, 1e-6))
+        assert [e.sigma for e in ledger.entries()] == [cal.sigma_total] * 2
+        # (Run 2 assumed 2 honest sites of 3, run 1 three of 4: their τ differ, below 1e-9.)
+        assert spent_epsilon(ledger, 1e-6) == pytest.approx(eps(4), rel=1e-9)
     # A third run could cost 11 more releases of the fold: past the budget in total.
     grid = _grid(tiny_parents, configs={n: configs[n] for n in (101, 102, 103)})
     accepted, refusals = announce(grid, recipe, [101, 102, 103])

@@ -1,24 +1,41 @@
-"""(ε, δ) ⇄ noise scale for the histogram releases, with OpenDP's privacy maps.
+"""(ε, δ) ⇄ noise scale for the histogram releases: dp-accounting's privacy loss distributions,
+with OpenDP's zCDP maps as a second, always-valid bound.
 
-Mechanism: the discrete Gaussian with scale σ on integer counts. OpenDP's `make_gaussian` on an
-integer vector gives its zero-concentrated DP, ρ = Δ²/(2σ²) for L2 sensitivity Δ (here 1 per
-candidate); zCDP composes by adding ρ, so `releases` candidates cost releases·ρ, which is the
-ρ of one Gaussian of scale σ/√releases; OpenDP's `make_zCDP_to_approxDP` then gives the tight
-ε at δ for that ρ (Canonne, Kamath, Steinke 2020). Calibration searches σ by bisection on that
-map (ε falls as σ grows), keeping the end that meets the target.
+Mechanism: the discrete Gaussian with scale σ on integer counts. One patient added or removed
+moves ONE count of each candidate's histograms by one; every other count carries the same
+noise on both sides, so each release is, for that patient, a one-dimensional discrete Gaussian
+with sensitivity 1, and a run composes `releases` of them.
 
-Distributed mode: each site adds a discrete Gaussian of scale σ/√t, t = the honest sites the
-run assumes. A sum of t such draws is not exactly a discrete Gaussian of scale σ; Kairouz, Liu
-and Steinke (ICML 2021, Prop. 14) bound the difference: the sum is (α, α·ρ + τ·d)-RDP with
-τ = 10·Σ_{k=1}^{t-1} exp(−2π²s²·k/(k+1)), s the per-site scale and d the coordinates of one
-release. The constant τ·d adds at most τ·d to ε per release; it is computed here and added
-to the reported ε (it is below 1e-12 once s ≥ 2; calibration raises σ until the total fits).
+Two bounds, the smaller is stated (both are valid, so their minimum is):
+- **PLD** (the tight one): Google's dp-accounting builds the privacy loss distribution of the
+  discrete Gaussian (`from_discrete_gaussian_mechanism`, pessimistic discretisation on a 1e-3
+  grid) and composes it exactly; this is the Gaussian mechanism's true (ε, δ) curve, up to the
+  grid. At ε = 8 over 11 releases it needs 5-6% less noise than the zCDP route, at ε = 1 about
+  7% less: the same guarantee for the cost of ~12% more patients.
+- **zCDP**: ρ = Δ²/(2σ²) per release (OpenDP's `make_gaussian` map), composed by adding, and
+  OpenDP's `make_zCDP_to_approxDP` (Canonne, Kamath, Steinke 2020). Kept because it is what
+  the site ledger used before, and as the fallback where the PLD's premise fails (below).
+
+Distributed mode: each site adds a discrete Gaussian of scale s = σ/√t, t the honest sites the
+run assumes. A sum of t such draws is not exactly a discrete Gaussian of scale σ. Kairouz, Liu
+and Steinke (ICML 2021, Prop. 14) bound the gap by τ = 10·Σ_{k=1}^{t-1} exp(−2π²s²·k/(k+1)):
+- in Rényi terms the sum is (α, α·ρ + τ)-RDP on the one count that changes, so the zCDP bound
+  adds τ per release to ε;
+- the PLD bound uses τ as a pointwise bound, P_sum(z) ∈ [1 − τ, 1 + τ]·N_Z(0, σ²)(z) (the
+  Poisson-summation estimate behind it; `tests/test_dp_accounting.py` checks it against exact
+  convolutions). Then any event's probability under the real sum is within (1 ± τ) of the ideal
+  discrete Gaussian's, per release, so K releases that are (ε, δ′)-DP for the ideal noise are
+  (ε + K·log((1+τ)/(1−τ)), (1+τ)^K·δ′)-DP for the real one; the PLD is read at
+  δ′ = δ/(1+τ)^K. Below s ≈ 0.7 (τ ≥ 0.1) only the zCDP bound is used.
+τ is below 1e-5 once s ≥ 1.2 (ε = 8 over 11 releases with 3 honest sites: s ≈ 1.25).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import lru_cache
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -26,6 +43,11 @@ from common.dp.settings import PrivacySettings
 from common.errors import FedmergeError
 
 _SIGMA_MAX = 1e7
+# dp-accounting's loss grid: pessimistic at any width; 1e-3 costs ≤ 0.1% of ε at 11 releases
+# against the library's 1e-4 default and is ~15× faster (a calibration is ~10 PLDs).
+PLD_GRID = 1e-3
+# τ above this: the pointwise premise is too loose to be worth it; zCDP alone.
+_PLD_MAX_TAU = 0.1
 
 
 def _opendp():
@@ -65,6 +87,58 @@ def distributed_tau(site_sigma: float, honest_sites: int) -> float:
     )
 
 
+class Gaussians(NamedTuple):
+    """`count` releases of a sum whose guaranteed noise is a discrete Gaussian of scale
+    `sigma` (sensitivity 1), each within `tau` of it pointwise (0: exactly that Gaussian)."""
+
+    sigma: float
+    count: int
+    tau: float = 0.0
+
+
+@lru_cache(maxsize=256)
+def _pld(sigma: float, count: int):
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    one = pld.from_discrete_gaussian_mechanism(
+        sigma, sensitivity=1, value_discretization_interval=PLD_GRID
+    )
+    return one.self_compose(count) if count > 1 else one
+
+
+def zcdp_epsilon(charges: Iterable[Gaussians], delta: float) -> float:
+    """The zCDP bound: ρ added over every release, converted, plus KLS's τ per release."""
+    charges = list(charges)
+    rho = math.fsum(c.count / (2.0 * c.sigma**2) for c in charges)
+    return epsilon_of_rho(rho, delta) + math.fsum(c.count * c.tau for c in charges)
+
+
+def pld_epsilon(charges: Iterable[Gaussians], delta: float) -> float:
+    """The PLD bound (inf where some release's τ is too large for it)."""
+    charges = [c for c in charges if c.count > 0]
+    if not charges:
+        return 0.0
+    if any(c.tau >= _PLD_MAX_TAU for c in charges):
+        return math.inf
+    composed = None
+    for c in sorted(charges):
+        d = _pld(float(c.sigma), int(c.count))
+        composed = d if composed is None else composed.compose(d)
+    shift = math.fsum(c.count * math.log((1 + c.tau) / (1 - c.tau)) for c in charges)
+    inflate = math.fsum(c.count * math.log1p(c.tau) for c in charges)
+    return float(composed.get_epsilon_for_delta(delta * math.exp(-inflate))) + shift
+
+
+def epsilon_of(charges: Iterable[Gaussians], delta: float) -> tuple[float, str]:
+    """ε at δ for one patient charged these releases, and which bound gave it."""
+    charges = [c for c in charges if c.count > 0]
+    if not charges:
+        return 0.0, "none"
+    z = zcdp_epsilon(charges, delta)
+    p = pld_epsilon(charges, delta)
+    return (p, "pld") if p < z else (z, "zcdp")
+
+
 class Calibration(BaseModel):
     """What a run's privacy terms mean in noise: the same numbers at every site."""
 
@@ -77,49 +151,69 @@ class Calibration(BaseModel):
     rho_run: float  # all releases of one fold in the run
     epsilon: float  # achieved ε at `delta` for the whole run (≤ the target)
     delta: float
-    tau_epsilon: float  # the distributed-sum correction included in `epsilon`
+    accountant: str  # which bound gave `epsilon`: "pld" or "zcdp"
+    epsilon_zcdp: float  # the zCDP bound at this σ (what the looser accountant would state)
+    tau_release: float  # KLS's τ per release of a distributed sum (0 in local mode)
 
     def noise_variance(self, summed_sites: int) -> float:
         """Variance per count of the noise in a sum over `summed_sites` honest sites."""
         return summed_sites * self.sigma_site**2
 
+    def charges(self, count: int) -> Gaussians:
+        """`count` releases under these terms, as the ledger composes them."""
+        return Gaussians(self.sigma_total, count, self.tau_release)
 
-def _run_epsilon(sigma: float, s: PrivacySettings, dims: int) -> tuple[float, float, float]:
-    rho1 = rho_per_release(sigma)
-    rho_run = s.releases * rho1
-    eps = epsilon_of_rho(rho_run, s.delta)
-    tau_eps = 0.0
-    if s.mode == "distributed" and s.honest_sites > 1:
-        tau_eps = s.releases * dims * distributed_tau(sigma / math.sqrt(s.honest_sites),
-                                                      s.honest_sites)
-    return eps + tau_eps, rho1, tau_eps
+
+def _tau(sigma: float, s: PrivacySettings) -> float:
+    if s.mode != "distributed" or s.honest_sites <= 1:
+        return 0.0
+    return distributed_tau(sigma / math.sqrt(s.honest_sites), s.honest_sites)
+
+
+def _bisect(meets, lo: float, hi: float) -> float:
+    """The smallest σ in [lo, hi] (to 0.1%) with meets(σ), given meets(hi) and not meets(lo)."""
+    while hi - lo > 1e-3 * hi:
+        mid = 0.5 * (lo + hi)
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 @lru_cache(maxsize=64)
-def calibrate(settings: PrivacySettings, dims: int) -> Calibration:
+def calibrate(settings: PrivacySettings) -> Calibration:
     """The smallest noise (to 0.1%) whose run meets `settings.epsilon` at `settings.delta`.
 
-    `dims`: coordinates of one candidate's release (2 × bins), for the distributed correction.
-    Cached: the coordinator and every site ask for the same run's calibration at each round
-    and release (a bisection of ~40 OpenDP maps); the settings are frozen, hence hashable.
+    First the zCDP bound's σ (cheap OpenDP maps), then the PLD bound below it. Cached: the
+    coordinator and every site ask for the same run's calibration at each round and release;
+    the settings are frozen, hence hashable.
     """
     s = settings
     if not s.on:
         raise FedmergeError("privacy: calibrate() needs mode local or distributed, not off")
-    lo, hi = 1e-3, 1.0
-    while _run_epsilon(hi, s, dims)[0] > s.epsilon:
+
+    def run(sigma: float) -> list[Gaussians]:
+        return [Gaussians(sigma, s.releases, _tau(sigma, s))]
+
+    def zcdp_meets(sigma: float) -> bool:
+        return zcdp_epsilon(run(sigma), s.delta) <= s.epsilon
+
+    hi = 1.0
+    while not zcdp_meets(hi):
         hi *= 2.0
         if hi > _SIGMA_MAX:
             raise FedmergeError(f"privacy: no noise scale meets epsilon={s.epsilon}")
-    while hi - lo > 1e-3 * hi:
-        mid = 0.5 * (lo + hi)
-        if _run_epsilon(mid, s, dims)[0] > s.epsilon:
-            lo = mid
-        else:
-            hi = mid
-    eps, rho1, tau_eps = _run_epsilon(hi, s, dims)
-    site = hi / math.sqrt(s.honest_sites) if s.mode == "distributed" else hi
+    sigma = _bisect(zcdp_meets, 1e-3, hi)
+    # The PLD bound is never above the zCDP one by more than the grid; search just below.
+    lo = 0.8 * sigma
+    if pld_epsilon(run(lo), s.delta) > s.epsilon:
+        sigma = _bisect(lambda x: pld_epsilon(run(x), s.delta) <= s.epsilon, lo, sigma)
+    eps, accountant = epsilon_of(run(sigma), s.delta)
+    site = sigma / math.sqrt(s.honest_sites) if s.mode == "distributed" else sigma
+    rho1 = rho_per_release(sigma)
     return Calibration(
-        mode=s.mode, sigma_total=hi, sigma_site=site, rho_release=rho1,
-        rho_run=s.releases * rho1, epsilon=eps, delta=s.delta, tau_epsilon=tau_eps,
+        mode=s.mode, sigma_total=sigma, sigma_site=site, rho_release=rho1,
+        rho_run=s.releases * rho1, epsilon=eps, delta=s.delta, accountant=accountant,
+        epsilon_zcdp=zcdp_epsilon(run(sigma), s.delta), tau_release=_tau(sigma, s),
     )
