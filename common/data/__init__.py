@@ -5,8 +5,8 @@
 `jsonl:PATH`, `csv:PATH`,
 `mimic4:DIR[?hours=48&bucket=2&pred_window=0&outlier=98&outlier_low=0&icd_map=PATH`
 `&demographics=1&site=NAME&cache=DIR|off&engine=duckdb|python]`,
-`eicu:DIR[?site=region|hospital&hours=24&cache=DIR|off&select=NAME]` (`select` keeps one
-region or hospital),
+`eicu:DIR[?site=region|hospital&hours=24&cache=DIR|off&select=NAME&engine=duckdb|python]`
+(`select` keeps one region or hospital),
 `meds:DIR[?labels=TASK&site=NAME&hours=48&cache=DIR|off]` (Medical Event Data Standard),
 `synthetic:ARGS` (the built-in synthetic cohort; `site=I` keeps one hospital).
 """
@@ -50,7 +50,7 @@ def _load(spec: DataSpec) -> Sequence[PatientRecord]:
 
         records = load_eicu(
             spec.path, site=spec.option("site", "region"), hours=spec.float_option("hours", 24.0),
-            cache=spec.options.get("cache"),
+            cache=spec.options.get("cache"), engine=_engine(spec),
         )
         if spec.options.get("select"):
             from common.data.select import select_site

@@ -21,7 +21,7 @@ KIND_OPTIONS: dict[str, frozenset[str]] = {
         "hours", "demographics", "site", "bucket", "pred_window", "outlier", "outlier_low",
         "icd_map", "cache", "engine",
     }),
-    "eicu": frozenset({"hours", "site", "cache", "select"}),
+    "eicu": frozenset({"hours", "site", "cache", "select", "engine"}),
     "meds": frozenset({"site", "labels", "hours", "cache"}),
     "synthetic": frozenset(),
 }
