@@ -205,10 +205,15 @@ def calibrate(settings: PrivacySettings) -> Calibration:
         if hi > _SIGMA_MAX:
             raise FedmergeError(f"privacy: no noise scale meets epsilon={s.epsilon}")
     sigma = _bisect(zcdp_meets, 1e-3, hi)
-    # The PLD bound is never above the zCDP one by more than the grid; search just below.
-    lo = 0.8 * sigma
-    if pld_epsilon(run(lo), s.delta) > s.epsilon:
-        sigma = _bisect(lambda x: pld_epsilon(run(x), s.delta) <= s.epsilon, lo, sigma)
+    # The PLD bound is the tighter one (5-10% less noise): search below the zCDP σ.
+    def pld_meets(x: float) -> bool:
+        return pld_epsilon(run(x), s.delta) <= s.epsilon
+
+    if pld_meets(sigma):
+        lo = 0.8 * sigma
+        while pld_meets(lo) and lo > 1e-3:
+            lo *= 0.8
+        sigma = _bisect(pld_meets, lo, sigma)
     eps, accountant = epsilon_of(run(sigma), s.delta)
     site = sigma / math.sqrt(s.honest_sites) if s.mode == "distributed" else sigma
     rho1 = rho_per_release(sigma)
