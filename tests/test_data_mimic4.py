@@ -229,6 +229,21 @@ def test_read_only_export_caches_in_the_user_cache_dir(mimic_copy, tmp_path, mon
     assert len(list((tmp_path / "xdg" / "fedmerge").glob("mimic4-*.arrow"))) == 1
 
 
+def test_an_export_marked_read_only_is_not_written_even_by_root(mimic_copy, tmp_path,
+                                                                  monkeypatch):
+    """A shared data copy with every write bit taken away (as ../shared's eICU demo is): root
+    may write there all the same, but the cache goes to the user cache folder."""
+    monkeypatch.delenv("FEDMERGE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    mimic_copy.chmod(0o555)
+    try:
+        load_records(f"mimic4:{mimic_copy}")
+        assert not (mimic_copy / ".fedmerge-cache").exists()
+        assert len(list((tmp_path / "xdg" / "fedmerge").glob("mimic4-*.arrow"))) == 1
+    finally:
+        mimic_copy.chmod(0o755)
+
+
 def test_missing_table(mimic_copy):
     (mimic_copy / "icu" / "outputevents.csv").unlink()
     with pytest.raises(FedmergeError, match=r"outputevents.*not found"):

@@ -69,7 +69,13 @@ def cache_key(kind: str, files: Iterable[Path], settings: dict[str, object]) -> 
 
 
 def _writable(directory: Path) -> bool:
-    return directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)
+    """Writable, and not marked read-only: as root `os.access` says yes to a folder whose
+    owner took every write bit away (a shared, read-only data copy), which is a no."""
+    try:
+        marked = directory.stat().st_mode & 0o222
+    except OSError:
+        return False
+    return directory.is_dir() and bool(marked) and os.access(directory, os.W_OK | os.X_OK)
 
 
 def cache_dir(export: Path, option: str | None) -> Path | None:
