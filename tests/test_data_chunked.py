@@ -121,3 +121,21 @@ def test_a_row_with_an_extra_field_in_a_later_chunk_names_its_line_in_the_whole_
     _gz(path, "\n".join(lines) + "\n")
     with pytest.raises(FedmergeError, match=rf"chartevents\.csv\.gz: .*Line: {bad + 1}\b"):
         load_records(f"mimic4:{mimic_copy}?cache=off")
+
+
+def test_chunks_go_to_memory_backed_scratch_only_when_it_has_room(tmp_path, monkeypatch):
+    ram = tmp_path / "ram"
+    ram.mkdir()
+    monkeypatch.setattr(chunked, "RAM_DIR", ram)
+    monkeypatch.setattr(chunked, "RAM_ROOM", 1)
+    assert chunked.scratch_dir(tmp_path / "spill") == ram
+    monkeypatch.setattr(chunked, "RAM_ROOM", 1 << 62)  # more than any disk: too small
+    assert chunked.scratch_dir(tmp_path / "spill") == tmp_path / "spill"
+    monkeypatch.setattr(chunked, "RAM_DIR", tmp_path / "absent")
+    assert chunked.scratch_dir(None) is None
+
+
+def test_a_chunk_without_quotes_is_cut_at_its_last_line_break():
+    assert chunked._cut(b"a,b\n1,2\n3,") == len(b"a,b\n1,2\n")
+    assert chunked._cut(b'a,"x\ny"\n3,"') == len(b'a,"x\ny"\n')  # quoted break kept inside
+    assert chunked._cut(b"no break") == 0

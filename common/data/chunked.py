@@ -34,6 +34,12 @@ except ImportError:  # pragma: no cover - isal is a dependency; gzip keeps the l
 CHUNK_BYTES = 16 << 20  # a few per second: parsing starts soon, three on disk are 48 MiB
 _DONE = object()
 
+# Memory-backed scratch space (Linux tmpfs) for the chunk files, used when it has this much
+# room: at most three chunks exist at once, each at most MAX_PENDING_CHUNKS chunks long, so
+# 512 MiB leaves a wide margin while a container's default 64 MiB /dev/shm is never used.
+RAM_DIR = Path("/dev/shm")
+RAM_ROOM = 512 << 20
+
 
 class Chunk(NamedTuple):
     """An uncompressed piece of the table: its file, and the line its first row has."""
@@ -62,6 +68,8 @@ def _cut(data: bytes) -> int:
     end = data.rfind(b"\n")
     if end < 0:
         return 0
+    if data.find(b'"', 0, end) < 0:  # no quote at all, as in most chartevents chunks: a
+        return end + 1  # memchr, ten times faster than counting (0.25 s of 463 MB on the bench)
     quotes = data.count(b'"', 0, end)
     while quotes % 2:
         previous = data.rfind(b"\n", 0, end)
@@ -126,6 +134,23 @@ class _Inflater(threading.Thread):
             out.write(header)
             out.write(memoryview(data)[:cut])
         return path
+
+
+def scratch_dir(fallback: Path | None) -> Path | None:
+    """Where the chunk files go: `RAM_DIR` when it is a writable directory with `RAM_ROOM`
+    free, else `fallback` (None: the system's temporary directory).
+
+    Why: each chunk is written once and read once at once, so it never needs a disk. Measured
+    on the 40k-stay bench, writing its 463 MB of text took 0.58 s of the inflater's CPU into
+    the page cache of an ext4 disk against 0.17 s into tmpfs, and both cores are busy then.
+    """
+    try:
+        if (RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK | os.X_OK)
+                and shutil.disk_usage(RAM_DIR).free >= RAM_ROOM):  # fmt: skip
+            return RAM_DIR
+    except OSError:
+        pass
+    return fallback
 
 
 def chunks(source: Path, temp_dir: Path | None = None,
