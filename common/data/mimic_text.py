@@ -159,28 +159,37 @@ def sql_joined(items: str, *order: str) -> str:
     return f"(CASE WHEN count({items}) = 0 THEN NULL ELSE {joined} END)"  # string_agg's NULL
 
 
-def sentences(rows: pa.Table, key: str, item: str, header: str) -> pa.Table:
-    """Per run of equal `key`, `header` + that run's `item`s joined by ';' + '.'.
+def joined(rows: pa.Table, key: str, item: str) -> pa.Table:
+    """Per run of equal `key`, that run's `item`s joined by ';': columns `key`, `joined`.
 
-    `rows` come sorted by key, then by each key's item order (an `ORDER BY key, order`
-    query), so each key's sentence is the text `sql_sentence(header, item, order)` gives when
-    the order is unique within a key (as chart means are, one per item). Why not in SQL: the
-    grouped, ordered aggregate built and sorted a list of structs per stay; one sort of the
-    rows and Arrow's vectorized join took half the CPU time on the 40k-stay bench's million
-    chart means (1.05 s against 2.1 s). Returns columns `key` (each once, in order) and
-    `sentence`; `item` must hold no null.
+    `rows` come sorted by key, then by each key's item order (an `ORDER BY key, order...`
+    query), so each key's text is what `sql_joined(item, order...)` gives when the order
+    (with the item itself last, as `sql_joined` breaks ties) is a total one. Why not in SQL:
+    the grouped, ordered aggregate built and sorted a list of structs per key; one sort of
+    the rows and Arrow's vectorized join took half the CPU time on the 40k-stay bench's
+    million chart means (1.05 s against 2.1 s). `item` must hold no null; each key is
+    returned once, in order.
     """
     import numpy as np
     import pyarrow.compute as pc  # not at import: a cached load never renders (see cohort_cache)
 
     keys = rows.column(key).to_numpy()
     if not len(keys):
-        return pa.table({key: rows.column(key), "sentence": pa.array([], pa.string())})
+        return pa.table({key: rows.column(key), "joined": pa.array([], pa.string())})
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     offsets = pa.array(np.r_[starts, len(keys)].astype(np.int32))
     lists = pa.ListArray.from_arrays(offsets, rows.column(item).combine_chunks())
-    text = pc.binary_join_element_wise(header, pc.binary_join(lists, ";"), ".", "")
-    return pa.table({key: pa.array(keys[starts]), "sentence": text})
+    return pa.table({key: pa.array(keys[starts]), "joined": pc.binary_join(lists, ";")})
+
+
+def sentences(rows: pa.Table, key: str, item: str, header: str) -> pa.Table:
+    """`joined`, as sentences: `header` + the items + '.' (columns `key`, `sentence`); the
+    text of `sql_sentence(header, item, order)` under `joined`'s conditions."""
+    import pyarrow.compute as pc
+
+    table = joined(rows, key, item)
+    text = pc.binary_join_element_wise(header, table.column("joined"), ".", "")
+    return pa.table({key: table.column(key), "sentence": text})
 
 
 def sql_sentence(header: str, items: str, order: str) -> str:
