@@ -121,3 +121,42 @@ def test_a_row_with_an_extra_field_in_a_later_chunk_names_its_line_in_the_whole_
     _gz(path, "\n".join(lines) + "\n")
     with pytest.raises(FedmergeError, match=rf"chartevents\.csv\.gz: .*Line: {bad + 1}\b"):
         load_records(f"mimic4:{mimic_copy}?cache=off")
+
+
+def test_chunks_go_to_memory_backed_scratch_only_when_it_has_room(tmp_path, monkeypatch):
+    ram = tmp_path / "ram"
+    ram.mkdir()
+    monkeypatch.setattr(chunked, "RAM_DIR", ram)
+    monkeypatch.setattr(chunked, "RAM_ROOM", 1)
+    assert chunked.scratch_dir(tmp_path / "spill") == ram
+    monkeypatch.setattr(chunked, "RAM_ROOM", 1 << 62)  # more than any disk: too small
+    assert chunked.scratch_dir(tmp_path / "spill") == tmp_path / "spill"
+    monkeypatch.setattr(chunked, "RAM_DIR", tmp_path / "absent")
+    assert chunked.scratch_dir(None) is None
+
+
+def test_a_chunk_without_quotes_is_cut_at_its_last_line_break():
+    assert chunked._cut(b"a,b\n1,2\n3,") == len(b"a,b\n1,2\n")
+    assert chunked._cut(b'a,"x\ny"\n3,"') == len(b'a,"x\ny"\n')  # quoted break kept inside
+    assert chunked._cut(b"no break") == 0
+
+
+@pytest.mark.parametrize("block", [3, 7, 50, 1 << 20])
+def test_blocks_smaller_than_a_chunk_keep_rows_whole_and_lines_numbered(tmp_path, monkeypatch,
+                                                                        block):  # fmt: skip
+    monkeypatch.setattr(chunked, "BLOCK_BYTES", block)  # a chunk is written block by block
+    rows = [f'{i},"note {i}\nspans ""lines""",x' if i % 3 == 0 else f"{i},plain,x"
+            for i in range(60)]  # fmt: skip
+    text = "id,text,more\n" + "\n".join(rows) + "\n"
+    pieces = _pieces(_gz(tmp_path / "b.csv.gz", text), tmp_path, 64)
+    assert len(pieces) > 3
+    assert "".join(p.split("\n", 1)[1] for p, _ in pieces) == text.split("\n", 1)[1]
+    line_of_row = {}
+    line = 2
+    for row in rows:
+        line_of_row[row] = line
+        line += row.count("\n") + 1
+    for piece, first_line in pieces:
+        first_row = next(r for r in rows if piece.split("\n", 1)[1].startswith(r + "\n"))
+        assert line_of_row[first_row] == first_line  # a chunk starts at a row, numbered right
+    assert not any((tmp_path / "work").iterdir())

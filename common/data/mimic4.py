@@ -177,7 +177,8 @@ def _build(con, paths: dict[str, Path], s: Mimic4Settings,
     connection to the same database. Measured on the 40k-stay bench (2 cores): their 0.9 s of
     reading overlaps the chart read, which itself slows by about 0.5 s, so the first load gains
     about 0.4 s. Plain (not TEMP) tables: a TEMP table is private to the connection that made
-    it. `temp_dir` holds the uncompressed chunks (the system's temporary directory if None).
+    it. `temp_dir` holds the uncompressed chunks where no memory-backed directory has room
+    (`chunked.scratch_dir`; the system's temporary directory if None).
     """
     _cohort(con, paths, s)
     side = con.cursor()  # another connection to the same in-memory database
@@ -260,7 +261,7 @@ def _chart_rows(con, path: Path, temp_dir: Path | None) -> None:
         duck.run(con, distinct(f"({select(None)})"), str(path))
         return
     duck.run(con, f"CREATE TABLE chart_rows AS {select(None)} LIMIT 0", str(path))
-    for chunk in chunked.chunks(path, temp_dir):
+    for chunk in chunked.chunks(path, chunked.scratch_dir(temp_dir)):
         duck.run(con, f"INSERT INTO chart_rows {select(chunk.path)}", str(path),
                  chunk=(str(path), chunk.first_line - 2))  # chunk line 2 = first row
     duck.run(con, distinct("chart_rows"), str(path))
@@ -269,7 +270,13 @@ def _chart_rows(con, path: Path, temp_dir: Path | None) -> None:
 
 def _chart_events(con, paths: dict[str, Path], s: Mimic4Settings,
                   temp_dir: Path | None = None) -> None:  # fmt: skip
-    """Table `chart_means`: per kept stay and item, the mean of the bucket means."""
+    """Table `chart_means`: per kept stay and item, the mean of the bucket means.
+
+    Both percentiles in one `quantile_cont` (one collection of each item's values, not two),
+    and the rows in a kept unit filtered twice rather than materialized once (a copy of the
+    4.4 M rows cost more than a second semi join): about 1.0 against 1.1-1.4 CPU-s on the
+    bench (noisy, shared machine).
+    """
     in_window = _window(s)
     with progress.step(SOURCE, f"chart events ({paths['icu/chartevents'].name})"):
         _chart_rows(con, paths["icu/chartevents"], temp_dir)
@@ -281,11 +288,12 @@ def _chart_events(con, paths: dict[str, Path], s: Mimic4Settings,
             WHERE t.kinds = 1 OR t.top <= {s.unit_share} * t.total OR n.rows = t.top""",
                  SOURCE)  # fmt: skip
         duck.run(con, f"""CREATE TABLE chart_means AS
-            WITH kept_units AS (SELECT c.* FROM chart c SEMI JOIN units u
+            WITH kept_units AS NOT MATERIALIZED (SELECT c.* FROM chart c SEMI JOIN units u
                                 ON u.itemid = c.itemid AND u.unit = c.unit),
-                 bounds AS (SELECT itemid, quantile_cont(valuenum, {s.outlier / 100}) AS hi,
-                                   quantile_cont(valuenum, {s.outlier_low / 100}) AS lo
-                            FROM kept_units GROUP BY itemid),
+                 q AS (SELECT itemid, quantile_cont(valuenum,
+                                [{s.outlier_low / 100}, {s.outlier / 100}]) AS q
+                       FROM kept_units GROUP BY itemid),
+                 bounds AS (SELECT itemid, q[1] AS lo, q[2] AS hi FROM q),
                  timed AS (SELECT c.stay_id, c.itemid, c.valuenum, k.los_hours,
                                   floor(c.us / 3600e6) AS h
                            FROM kept_units c JOIN kept k USING (stay_id)),
@@ -418,28 +426,52 @@ def _render_others(con) -> None:
         "meds_text": _numeric("med_means", text.MEDS_HEADER, " of "),
         "procs_text": _listed("procedures", text.PROCEDURES_HEADER),
         "outs_text": _listed("outputs", text.OUTPUTS_HEADER),
-        "titles_text": f"""SELECT hadm_id, {text.sql_joined('title', 'first', 'title')} AS titles
-            FROM (SELECT hadm_id, {text.sql_words('title')} AS title, min(first) AS first
-                  FROM diagnoses GROUP BY ALL) GROUP BY hadm_id""",
     }
     for name, sql in rendered.items():
         duck.run(con, f"CREATE TABLE {name} AS {sql}", SOURCE)
+    # The titles joined by Arrow after one sort (see `text.joined`): `sql_joined('title',
+    # 'first', 'title')` per admission cost about 1 CPU-s on the bench, while the chart read
+    # needs both cores; the order (first seq_num, then the title) is a total one.
+    titles = duck.arrow(con, f"""SELECT hadm_id, title
+        FROM (SELECT hadm_id, {text.sql_words('title')} AS title, min(first) AS first
+              FROM diagnoses GROUP BY ALL)
+        ORDER BY hadm_id, first, title""", SOURCE)  # fmt: skip
+    con.register("titles_joined", text.joined(titles, "hadm_id", "title"))
+    duck.run(con, "CREATE TABLE titles_text AS SELECT hadm_id, joined AS titles "
+             "FROM titles_joined", SOURCE)  # fmt: skip
+    con.unregister("titles_joined")
+
+
+def _chart_text(con) -> pa.Table:
+    """Per stay, the chart events sentence (`stay_id`, `sentence`), joined by Arrow.
+
+    The means are printed in DuckDB (as `_numeric` does), the rows sorted by stay and item, and
+    each stay's items joined by `text.sentences`: the same text as `_numeric('chart_means',
+    ...)`, whose per-stay ordered aggregate took twice the CPU time (chart_means has one row
+    per stay and item, so the item order has no ties).
+    """
+    item = f"{text.sql_zero('m')} || ' for ' || label"
+    rows = duck.arrow(con, f"""SELECT stay_id, {item} AS item
+        FROM (SELECT t.stay_id, t.itemid, {text.sql_printed('t.value')} AS m, i.label
+              FROM chart_means t JOIN items i USING (itemid))
+        ORDER BY stay_id, itemid""", SOURCE)  # fmt: skip
+    return text.sentences(rows, "stay_id", "item", text.CHART_HEADER)
 
 
 def _collect(con, s: Mimic4Settings) -> pa.Table:
-    """One row per kept stay with its rendered sentences, ready to cache (all in DuckDB)."""
+    """One row per kept stay with its rendered sentences, ready to cache (joined in DuckDB)."""
+    con.register("chart_text", _chart_text(con))  # an Arrow view, read without a copy
     diagnoses = "d.titles"
     first_section = (text.sql_demographics("k.race", "k.gender", "k.age", "k.insurance",
                                            diagnoses) if s.demographics  # fmt: skip
                      else f"'The patient is diagnosed with ' || {diagnoses} || '.'")
     sql = f"""
-        WITH chart AS ({_numeric('chart_means', text.CHART_HEADER, ' for ')})
         SELECT CAST(k.stay_id AS VARCHAR) AS stay_id, CAST(k.label AS TINYINT) AS label,
                {first_section} AS diagnoses, chart.sentence AS chart_events,
                meds.sentence AS medications, procs.sentence AS procedures,
                outs.sentence AS outputs
         FROM kept k LEFT JOIN titles_text d ON d.hadm_id = k.hadm_id
-        LEFT JOIN chart USING (stay_id) LEFT JOIN meds_text meds USING (stay_id)
+        LEFT JOIN chart_text chart USING (stay_id) LEFT JOIN meds_text meds USING (stay_id)
         LEFT JOIN procs_text procs USING (stay_id) LEFT JOIN outs_text outs USING (stay_id)
         ORDER BY k.stay_id"""
     return duck.arrow(con, sql, SOURCE)

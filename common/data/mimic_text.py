@@ -117,8 +117,14 @@ def build_records(table: pa.Table, site: str | None) -> list[PatientRecord]:
 
 
 def sql_printed(value: str) -> str:
-    """`value` with three decimals, trailing zeros and a bare point dropped ('-0' possible)."""
-    return f"rtrim(rtrim(printf('%.3f', {value}), '0'), '.')"
+    """`value` with three decimals, trailing zeros and a bare point dropped ('-0' possible).
+
+    `format('{:.3f}')` rather than `printf('%.3f')`: both are the fmt library's correctly
+    rounded fixed notation (the same text on 900,000 test values, ties included), but printf
+    parses its format string for every row: on the 40k-stay bench's million chart means it
+    took twice the CPU time (0.62 s against 0.33 s).
+    """
+    return f"rtrim(rtrim(format('{{:.3f}}', {value}), '0'), '.')"
 
 
 def sql_zero(printed: str) -> str:
@@ -151,6 +157,39 @@ def sql_joined(items: str, *order: str) -> str:
     pairs = f"list(struct_pack({keys}, v := {items}))"
     joined = f"array_to_string(list_transform(list_sort({pairs}), lambda x: x.v), ';')"
     return f"(CASE WHEN count({items}) = 0 THEN NULL ELSE {joined} END)"  # string_agg's NULL
+
+
+def joined(rows: pa.Table, key: str, item: str) -> pa.Table:
+    """Per run of equal `key`, that run's `item`s joined by ';': columns `key`, `joined`.
+
+    `rows` come sorted by key, then by each key's item order (an `ORDER BY key, order...`
+    query), so each key's text is what `sql_joined(item, order...)` gives when the order
+    (with the item itself last, as `sql_joined` breaks ties) is a total one. Why not in SQL:
+    the grouped, ordered aggregate built and sorted a list of structs per key; one sort of
+    the rows and Arrow's vectorized join took half the CPU time on the 40k-stay bench's
+    million chart means (1.05 s against 2.1 s). `item` must hold no null; each key is
+    returned once, in order.
+    """
+    import numpy as np
+    import pyarrow.compute as pc  # not at import: a cached load never renders (see cohort_cache)
+
+    keys = rows.column(key).to_numpy()
+    if not len(keys):
+        return pa.table({key: rows.column(key), "joined": pa.array([], pa.string())})
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    offsets = pa.array(np.r_[starts, len(keys)].astype(np.int32))
+    lists = pa.ListArray.from_arrays(offsets, rows.column(item).combine_chunks())
+    return pa.table({key: pa.array(keys[starts]), "joined": pc.binary_join(lists, ";")})
+
+
+def sentences(rows: pa.Table, key: str, item: str, header: str) -> pa.Table:
+    """`joined`, as sentences: `header` + the items + '.' (columns `key`, `sentence`); the
+    text of `sql_sentence(header, item, order)` under `joined`'s conditions."""
+    import pyarrow.compute as pc
+
+    table = joined(rows, key, item)
+    text = pc.binary_join_element_wise(header, table.column("joined"), ".", "")
+    return pa.table({key: table.column(key), "sentence": text})
 
 
 def sql_sentence(header: str, items: str, order: str) -> str:
