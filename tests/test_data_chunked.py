@@ -160,3 +160,24 @@ def test_blocks_smaller_than_a_chunk_keep_rows_whole_and_lines_numbered(tmp_path
         first_row = next(r for r in rows if piece.split("\n", 1)[1].startswith(r + "\n"))
         assert line_of_row[first_row] == first_line  # a chunk starts at a row, numbered right
     assert not any((tmp_path / "work").iterdir())
+
+
+def test_chunk_folders_of_killed_loads_are_removed_by_the_next(tmp_path):
+    """A load killed mid-way leaves its chunk folder (in /dev/shm: RAM); the next load
+    removes it, and never a folder whose process still runs."""
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    work = tmp_path / "work"
+    stale = work / f"{chunked.SCRATCH_PREFIX}{gone}-abc"
+    live = work / f"{chunked.SCRATCH_PREFIX}{os.getpid()}-def"
+    for folder in (stale, live):
+        folder.mkdir(parents=True)
+        (folder / "000000.csv").write_text("id\n1\n")
+    source = _gz(tmp_path / "t.csv.gz", "id,text\n1,a\n")
+    assert [text for text, _ in _pieces(source, tmp_path, 100)] == ["id,text\n1,a\n"]
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in work.iterdir()) == [live.name]

@@ -184,6 +184,38 @@ def scratch_dir(fallback: Path | None) -> Path | None:
     return fallback
 
 
+SCRATCH_PREFIX = "fedmerge-inflate-"
+
+
+def remove_stale(directory: Path) -> list[Path]:
+    """Remove chunk folders left by loads that were killed (SIGKILL, out of memory): their
+    process is gone, so nothing else will. Why it matters: in /dev/shm they hold up to 384 MiB
+    of RAM until removed. A folder is named after its process id; one whose process still runs
+    is left alone (its pid may have been reused, which only delays the removal)."""
+    removed = []
+    try:
+        entries = list(directory.glob(f"{SCRATCH_PREFIX}*-*"))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid_text = entry.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def chunks(source: Path, temp_dir: Path | None = None,
            chunk_bytes: int | None = None) -> Iterator[Chunk]:  # fmt: skip
     """The chunks of the gzipped CSV `source`, each deleted when the next one is asked for.
@@ -193,7 +225,8 @@ def chunks(source: Path, temp_dir: Path | None = None,
     """
     if temp_dir is not None:
         temp_dir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="inflate-", dir=temp_dir))
+    remove_stale(Path(temp_dir or tempfile.gettempdir()))
+    workdir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=temp_dir))
     inflater = _Inflater(source, workdir, chunk_bytes or CHUNK_BYTES)
     inflater.start()
     try:
