@@ -36,6 +36,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from common.errors import FedmergeError
 from common.protocol import RoundInstructions, candidate_key
 
 DAY_S = 86_400.0
@@ -70,8 +71,16 @@ class Release(BaseModel):
         from common.dp.accounting import Gaussians
 
         count = len(self.candidates)
-        sigma = self.sigma or math.sqrt(count / (2.0 * self.rho))
-        return Gaussians(sigma, count, self.tau)
+        if self.sigma:
+            return Gaussians(self.sigma, count, self.tau)
+        # A line from before σ and τ were kept: σ follows from ρ exactly (ρ = count/2σ²);
+        # τ was not recorded, so it is taken at its largest for this sum: a distributed run
+        # assumes at most as many honest sites as it summed, and τ grows with them.
+        from common.dp.accounting import distributed_tau
+
+        sigma = math.sqrt(count / (2.0 * self.rho))
+        t = max(self.sites, 1)
+        return Gaussians(sigma, count, distributed_tau(sigma / math.sqrt(t), t))
 
 
 def terms_digest(instr: RoundInstructions) -> str:
@@ -114,12 +123,23 @@ class ReleaseLedger:
     def entries(self) -> list[Release]:
         if not self.path.is_file():
             return []
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.split("\n")
         out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for number, line in enumerate(lines, start=1):
+            if not line:
+                continue
             try:
                 out.append(Release.model_validate_json(line))
             except ValidationError:
-                continue  # a line torn by a crash: that release never completed
+                if number == len(lines):  # the unfinished last line of a crashed write
+                    continue
+                # Anywhere else a line that is not a release was edited or written by another
+                # version: skipping it would forget a release (and its privacy cost).
+                raise FedmergeError(
+                    f"{self.path}: line {number} is not a release record; expected one JSON "
+                    "release per line (edited, or written by another fedmerge version?)"
+                ) from None
         return out
 
     def spent_epsilon(self, delta: float, extra=()) -> float:
@@ -153,9 +173,16 @@ class ReleaseLedger:
         return over_budget(self.spent_epsilon(budget[1], extra=[run_charges]), budget)
 
     def record(self, release: Release) -> None:
+        """Append one line (flushed and fsynced). A last line left unfinished by a crash is
+        cut off first, so a torn write never runs into the next release's line."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = os.pread(fd, size, 0)
+                os.ftruncate(fd, data.rfind(b"\n") + 1)
+            os.lseek(fd, 0, os.SEEK_END)
             os.write(fd, (release.model_dump_json() + "\n").encode())
             os.fsync(fd)
         finally:
@@ -189,7 +216,7 @@ def epsilon_spent(entries: list[Release], delta: float, extra=()) -> float:
     `MAX_FOLD_CHOICES` choices: the largest ρ and the largest τ sum per partition, composed in
     zCDP, bound every choice from above.
     """
-    from common.dp.accounting import Gaussians, epsilon_of_rho
+    from common.dp.accounting import Gaussians, epsilon_of_rho, zcdp_epsilon
 
     by_fold: dict[tuple[int, int], dict[int, list]] = {}
     for e in entries:
@@ -205,7 +232,7 @@ def epsilon_spent(entries: list[Release], delta: float, extra=()) -> float:
         tau = sum(max(sum(c.count * c.tau for c in f) for f in p) for p in partitions)
         rho += sum(c.count / (2 * c.sigma**2) for c in extra)
         return epsilon_of_rho(rho, delta) + tau + sum(c.count * c.tau for c in extra)
-    worst = 0.0
+    choices = []
     for choice in itertools.product(*partitions):
         # Releases at one σ compose as one self-composed PLD; their τ (which differs only with
         # the site count, below 1e-5 at usual scales) is taken at its largest, which can only
@@ -215,6 +242,13 @@ def epsilon_spent(entries: list[Release], delta: float, extra=()) -> float:
             k, t = merged.get(c.sigma, (0, 0.0))
             merged[c.sigma] = (k + c.count, max(t, c.tau))
         charges = tuple(sorted(Gaussians(s, k, t) for s, (k, t) in merged.items()))
+        choices.append((zcdp_epsilon(charges, delta), charges))
+    # Largest zCDP bound first; a choice whose zCDP bound (≥ its ε) is not above the worst ε
+    # found cannot be the worst, so the PLDs are composed for a few choices only.
+    worst = 0.0
+    for bound, charges in sorted(choices, key=lambda c: c[0], reverse=True):
+        if bound <= worst:
+            break
         worst = max(worst, _epsilon_cached(charges, delta))
     return worst
 

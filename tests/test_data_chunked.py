@@ -181,3 +181,17 @@ def test_chunk_folders_of_killed_loads_are_removed_by_the_next(tmp_path):
     assert [text for text, _ in _pieces(source, tmp_path, 100)] == ["id,text\n1,a\n"]
     assert not stale.exists() and live.exists()
     assert sorted(p.name for p in work.iterdir()) == [live.name]
+
+
+def test_inflated_gives_the_plain_text_and_leaves_nothing(tmp_path):
+    text = "id,text\n" + "".join(f'{i},"row {i}, quoted"\n' for i in range(5000))
+    source = _gz(tmp_path / "t.csv.gz", text)
+    with chunked.inflated(source, tmp_path / "work") as plain:
+        assert plain.name == "t.csv"
+        assert plain.read_text() == text
+        folder = plain.parent
+    assert not folder.exists()
+    flat = tmp_path / "flat.csv"
+    flat.write_text(text)
+    with chunked.inflated(flat) as same:
+        assert same == flat

@@ -342,3 +342,69 @@ def test_a_value_the_rules_refuse_falls_back_to_the_reference_and_its_line(plant
     with pytest.raises(FedmergeError, match=r"treatment\.csv\.gz: line 2, column "
                        r"'treatmentoffset': offset 'soon' is not a number of minutes"):
         load_records(f"eicu:{bad}?cache=off")
+
+
+def _with_medication_lines(planted: Path, root: Path, lines: list[bytes]) -> Path:
+    """The planted copy with raw `lines` appended to medication.csv (written uncompressed,
+    byte for byte, where a CSV writer could not produce them)."""
+    import shutil
+
+    shutil.copytree(planted, root)
+    with gzip.open(root / "medication.csv.gz", "rb") as handle:
+        text = handle.read()
+    (root / "medication.csv.gz").unlink()
+    (root / "medication.csv").write_bytes(text + b"".join(lines))
+    return root
+
+
+def _medication_line(header: list[str], **values: str) -> bytes:
+    """One raw row, CRLF-ended as the planted tables' (Python's csv writer) rows are."""
+    return (",".join(values.get(h, "") for h in header) + "\r\n").encode()
+
+
+@pytest.mark.parametrize("case", ["space-before-quote", "huge-offset", "bad-utf8-elsewhere"])
+def test_what_duckdb_would_read_differently_goes_to_the_reference(planted, tmp_path, case):
+    """Three inputs where DuckDB alone would not give the reference's answer: a space before
+    an opening quote (DuckDB reads a quoted field, Python keeps the characters), an offset
+    beyond a 64-bit integer, invalid UTF-8 in a column the text never uses. Each goes to the
+    row-by-row reader: the same records, or the same error."""
+    from common.data.eicu import _RowByRow, cohort_table
+
+    stay = read(planted / "patient.csv.gz")[0]["patientunitstayid"]
+    header = list(read(planted / "medication.csv.gz")[0].keys())
+    line = {
+        "space-before-quote": _medication_line(header, patientunitstayid=stay,
+                                               drugstartoffset="5", drugname=' "ZZA, 81"'),
+        "huge-offset": _medication_line(header, patientunitstayid=stay,
+                                        drugstartoffset="-1e30", drugname="ZZHUGE"),
+        "bad-utf8-elsewhere": _medication_line(header, patientunitstayid=stay,
+                                               drugstartoffset="5", drugname="ZZOK",
+                                               medicationid="1ZZBYTE"),
+    }[case]
+    if case == "bad-utf8-elsewhere":
+        line = line.replace(b"1ZZBYTE", b"1\xff")  # not UTF-8
+    import duckdb
+
+    root = _with_medication_lines(planted, tmp_path / "e", [line])
+    # The fast path does not complete: its own refusal, or DuckDB's UTF-8 check of the line.
+    with pytest.raises(duckdb.Error if case == "bad-utf8-elsewhere" else _RowByRow):
+        cohort_table(root, site="region", hours=24.0)
+    if case == "bad-utf8-elsewhere":
+        for engine in ("duckdb", "python"):
+            with pytest.raises(FedmergeError, match=r"medication\.csv"):
+                load_records(f"eicu:{root}?cache=off&engine={engine}")
+        return
+    fast = list(load_records(f"eicu:{root}?cache=off"))
+    assert fast == list(load_records(f"eicu:{root}?engine=python"))
+    text = " ".join(r.text for r in fast)
+    assert ('"ZZA' in text) if case == "space-before-quote" else ("ZZHUGE" in text)
+
+
+def test_an_infinite_offset_is_one_clear_error(planted, tmp_path):
+    stay = read(planted / "patient.csv.gz")[0]["patientunitstayid"]
+    header = list(read(planted / "medication.csv.gz")[0].keys())
+    root = _with_medication_lines(planted, tmp_path / "e", [_medication_line(
+        header, patientunitstayid=stay, drugstartoffset="inf", drugname="ZZINF")])
+    with pytest.raises(FedmergeError, match=r"medication\.csv: line \d+, column "
+                       r"'drugstartoffset': offset 'inf' is not a number of minutes"):
+        load_records(f"eicu:{root}?cache=off")

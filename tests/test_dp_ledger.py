@@ -91,7 +91,7 @@ def test_lines_written_before_sigma_was_kept_are_read_from_rho(tmp_path):
 def test_too_many_fold_choices_fall_back_to_an_upper_bound():
     # 5 partitions of 3 folds each: 243 choices, more than the ledger enumerates.
     entries = [release(f, 2 + f, 4.0, folds=3, seed=p) for p in range(5) for f in range(3)]
-    assert 3**5 > MAX_FOLD_CHOICES
+    assert MAX_FOLD_CHOICES < 3**5
     exact = epsilon_of([Gaussians(4.0, 4 * 5)], DELTA)[0]  # the worst patient: fold 2 ×5
     bound = epsilon_spent(entries, DELTA)
     assert bound == pytest.approx(epsilon_of_rho(5 * 4 / 32, DELTA), rel=1e-12)
@@ -104,3 +104,52 @@ def test_exact_sums_cost_nothing():
                     terms="t", candidates=("[0.5]",), sites=4)
     assert plain.charges() is None
     assert epsilon_spent([plain], DELTA) == 0.0
+
+
+def test_legacy_lines_take_tau_at_its_largest_for_their_sum():
+    """A line from before τ was kept, of a sum over 20 sites at a small scale: τ is taken as
+    if all 20 were the honest sites (the most a run could assume), not as 0."""
+    from common.dp.accounting import distributed_tau
+
+    old = release(0, 11, 1.5, legacy=True).model_copy(update={"sites": 20})
+    charge = old.charges()
+    assert charge.sigma == pytest.approx(1.5, rel=1e-12)
+    assert charge.tau == distributed_tau(1.5 / math.sqrt(20), 20) > 0.1
+    assert epsilon_spent([old], DELTA) > epsilon_of([Gaussians(1.5, 11)], DELTA)[0] + 1.0
+
+
+def test_a_torn_last_line_is_cut_and_any_other_bad_line_is_an_error(tmp_path):
+    from common.errors import FedmergeError
+
+    ledger = ReleaseLedger(tmp_path / "ledger.jsonl")
+    first, second = release(0, 2, 3.0), release(0, 3, 3.0, time=2000.0)
+    ledger.record(first)
+    with open(ledger.path, "a") as fh:
+        fh.write('{"time": 10')  # a crash in the middle of a write
+    assert ledger.entries() == [first]
+    ledger.record(second)  # the torn tail is cut, not run into
+    assert ledger.entries() == [first, second]
+    assert ledger.path.read_text().count("\n") == 2
+    with open(ledger.path, "a") as fh:
+        fh.write('{"not": "a release"}\n')
+    ledger.record(release(1, 1, 3.0))
+    with pytest.raises(FedmergeError, match=r"ledger\.jsonl: line 3 is not a release record"):
+        ledger.entries()
+
+
+def test_the_pruned_search_finds_the_same_worst_patient_as_every_choice():
+    """Six partitions (fold seeds) of two folds, releases at eleven different scales: the
+    zCDP-ordered search with its cut gives the maximum over all 64 choices."""
+    import itertools
+
+    entries = []
+    for seed in range(6):
+        for fold in range(2):
+            sigma = 2.0 + 0.37 * seed + 0.9 * fold
+            entries.append(release(fold, 3 + 2 * fold + seed % 3, sigma, seed=seed))
+    by_partition = [[e for e in entries if e.fold_seed == s] for s in range(6)]
+    brute = max(
+        epsilon_of([e.charges() for e in choice], DELTA)[0]
+        for choice in itertools.product(*by_partition)
+    )
+    assert epsilon_spent(entries, DELTA) == pytest.approx(brute, rel=1e-9)

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -214,6 +215,30 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextmanager
+def inflated(source: Path, temp_dir: Path | None = None) -> Iterator[Path]:
+    """`source` as a plain file: itself if not gzipped, else inflated (ISA-L, a block at a
+    time) into a scratch folder (`scratch_dir`: /dev/shm when it has room) that is removed
+    on exit. Why: DuckDB inflates a .gz on one core and parses it on that core too; a plain
+    file it parses on all, and a table read twice is inflated once."""
+    if not is_gzip(source):
+        yield source
+        return
+    scratch = scratch_dir(temp_dir)
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    remove_stale(Path(scratch or tempfile.gettempdir()))
+    workdir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=scratch))
+    try:
+        plain = workdir / source.name.removesuffix(".gz")
+        with _gzip.open(source, "rb") as stream, open(plain, "wb") as out:
+            while block := stream.read(BLOCK_BYTES):
+                out.write(block)
+        yield plain
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def chunks(source: Path, temp_dir: Path | None = None,

@@ -10,9 +10,11 @@ Why the records stay exactly those of the row-by-row reader: every value the tex
 goes through that reader's own functions (`_clean`, `_admission_item`, `_offset`,
 `format_number`), applied once to each DISTINCT raw value DuckDB finds (thousands, against
 millions of rows) and joined back. The patient and hospital tables (one row per stay or
-hospital) are read by the reference functions themselves. What this path cannot vouch for, a
-value those functions refuse or anything DuckDB rejects, sends the whole load to the row-by-row
-reader, whose error names the file, line and column (this path has no line numbers).
+hospital) are read by the reference functions themselves. Where DuckDB's CSV dialect differs
+from Python's (`_check_dialect`: a space before an opening quote), or a value those functions
+refuse, or anything DuckDB rejects (invalid UTF-8 anywhere in a line included), the whole load
+goes to the row-by-row reader, whose error names the file, line and column (this path has no
+line numbers). `tests/test_data_eicu.py` compares both on the real demo and on awkward input.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from common.data import cohort_cache, duck, eicu_python, progress
+from common.data import chunked, cohort_cache, duck, eicu_python, progress
 from common.data.eicu_python import APACHE_HOURS, FLAGS, PHYSIOLOGY, TABLES
 from common.data.tables import find_table
 from common.errors import FedmergeError
@@ -115,6 +117,31 @@ def cohort_table(directory: Path, *, site: str, hours: float) -> pa.Table:
     })  # fmt: skip
 
 
+def _check_dialect(con, path: Path) -> None:
+    """Refuse (to the reference) a table DuckDB would read differently from Python's `csv`.
+
+    One difference was found: a field of spaces then a quote (`1, "X",2`). DuckDB reads it
+    as the quoted X; Python keeps the spaces and the quote characters as text, and splits at
+    a comma inside. Such a table goes to the row-by-row reader. The same pass reads every
+    line as text, so invalid UTF-8 anywhere (also in a column the text never uses, which the
+    column scan does not decode) fails here as it fails in the reference."""
+    sql = (f"SELECT count(*) FROM read_csv({_sql_text(str(path))}, header = false, "
+           "auto_detect = false, delim = '\x1f', quote = '', escape = '', strict_mode = false, "
+           "columns = {'line': 'VARCHAR'}) "
+           "WHERE contains(line, ' \"') AND regexp_matches(line, '(^|,) +\"')")
+    if con.sql(sql).fetchall()[0][0]:
+        raise _RowByRow
+
+
+def _read_kept(con, path: Path, columns: Sequence[str], labelled: set[str]) -> None:
+    """`kept_` (see `_keep_labelled`) from the table at `path`, its first column the stay id:
+    a gzipped table is inflated once (`chunked.inflated`) for the dialect check and the read,
+    which DuckDB then parses on every core."""
+    with chunked.inflated(path) as plain:
+        _check_dialect(con, plain)
+        _keep_labelled(con, _text_scan(plain, columns), columns[0], labelled)
+
+
 def _text_scan(path: Path, columns: Sequence[str]) -> str:
     """`columns` of `path` as text, a blank field as '' (Python's csv gives '' for both a
     blank and a quoted empty field; DuckDB gives NULL for the first)."""
@@ -137,12 +164,19 @@ def _map_distinct(con, name: str, sql: str, keys: Sequence[str], fn: Callable, o
     con.register(name, pa.table(columns))
 
 
+INT64 = (-(2**63), 2**63 - 1)
+
+
 def _offset(raw: str) -> int | None:
-    """The reference's offset rule; a value it would refuse goes to the reference."""
+    """The reference's offset rule; a value it would refuse, or one beyond a 64-bit integer
+    (the reference keeps it as a Python int), goes to the reference."""
     try:
-        return eicu_python._offset(raw, "")
+        value = eicu_python._offset(raw, "")
     except FedmergeError:
         raise _RowByRow from None
+    if value is not None and not INT64[0] <= value <= INT64[1]:
+        raise _RowByRow
+    return value
 
 
 def _timeline(con, directory: Path, spec: tuple, end: float, labelled: set[str], *,
@@ -153,7 +187,7 @@ def _timeline(con, directory: Path, spec: tuple, end: float, labelled: set[str],
 
     table, columns, render = spec
     stay_col, offset_col, *payload = columns
-    _keep_labelled(con, _text_scan(find_table(directory, table), columns), stay_col, labelled)
+    _read_kept(con, find_table(directory, table), columns, labelled)
     keys = ", ".join(f'"{c}"' for c in payload)
     _map_distinct(con, "items_", "kept_", payload, lambda *v: render(("", "", *v)) or None,
                   "item_", pa.string())
@@ -214,7 +248,7 @@ def _physiology(con, path: Path, labelled: set[str]) -> dict[str, str]:
     value_cols = [c for c, _, _ in PHYSIOLOGY]
     flag_cols = [c for c, _ in FLAGS]
     columns = ("patientunitstayid", *value_cols, *flag_cols)
-    _keep_labelled(con, _text_scan(path, columns), "patientunitstayid", labelled)
+    _read_kept(con, path, columns, labelled)
     order = {c: i for i, c in enumerate((*value_cols, *flag_cols))}
     words = {c: (name, unit) for c, name, unit in PHYSIOLOGY}
     flags = dict(FLAGS)

@@ -83,7 +83,7 @@ def _offset(raw: str, where: str) -> int | None:
         return None
     try:
         return int(float(raw))
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or infinite
         raise FedmergeError(f"{where}: offset '{raw}' is not a number of minutes") from None
 
 
