@@ -221,6 +221,24 @@ def test_cache_location_options(mimic_copy, tmp_path, monkeypatch):
     assert len(list((tmp_path / "env").glob("mimic4-*.arrow"))) == 1
 
 
+def test_a_cache_write_removes_the_caches_own_leftovers_only(mimic_copy, tmp_path):
+    """Format-1 cohorts (Parquet, never read again) and a killed writer's day-old temporary
+    file go when a cohort is written; anything else in a user-chosen folder stays."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    old = mine / f"mimic4-{'a' * 32}.parquet"
+    torn = mine / f".mimic4-{'b' * 32}.x1y2.tmp"
+    fresh = mine / f".mimic4-{'c' * 32}.z3.tmp"  # a writer may still be at work
+    theirs = [mine / "notes.parquet", mine / f"other-{'a' * 31}.parquet"]
+    for path in (old, torn, fresh, *theirs):
+        path.write_text("x")
+    os.utime(torn, (1, 1))
+    load_records(f"mimic4:{mimic_copy}?cache={mine}")
+    assert not old.exists() and not torn.exists()
+    assert fresh.exists() and all(p.exists() for p in theirs)
+    assert len(list(mine.glob("mimic4-*.arrow"))) == 1
+
+
 def test_read_only_export_caches_in_the_user_cache_dir(mimic_copy, tmp_path, monkeypatch):
     monkeypatch.delenv("FEDMERGE_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

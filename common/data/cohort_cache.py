@@ -25,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -126,12 +128,34 @@ def _labels_are_binary(labels: pa.ChunkedArray) -> bool:
     return bool(np.isin(values, (0, 1)).all())
 
 
+# What earlier versions or killed writers left: format-1 cohorts (zstd Parquet, never read
+# again) and temporary files of a write that never finished (older than a day: no live writer).
+_OLD_FORMAT = re.compile(r"^[a-z0-9]+-[0-9a-f]{32}\.parquet$")
+_UNFINISHED = re.compile(r"^\.[a-z0-9]+-[0-9a-f]{32}\..*\.tmp$")
+_UNFINISHED_AGE_S = 86_400.0
+
+
+def remove_leftovers(directory: Path) -> list[Path]:
+    """Remove this cache's own leftovers from `directory` (names only this module writes)."""
+    removed = []
+    now = time.time()
+    for entry in directory.iterdir():
+        stale = _OLD_FORMAT.match(entry.name) or (
+            _UNFINISHED.match(entry.name) and now - entry.stat().st_mtime > _UNFINISHED_AGE_S)
+        if stale and entry.is_file():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 def write_cached(directory: Path | None, key: str, table: pa.Table) -> Path | None:
-    """Write atomically (temporary file, then rename), so no reader sees half a file."""
+    """Write atomically (temporary file, then rename), so no reader sees half a file; this
+    cache's leftovers in the folder (`remove_leftovers`) go at the same time."""
     if directory is None:
         return None
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(directory)
         handle, temporary = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=directory)
         os.close(handle)
         try:
