@@ -46,3 +46,25 @@ def test_arrow_sentences_equal_the_sql_aggregate():
 def test_no_rows_give_no_sentences():
     empty = pa.table({"stay": pa.array([], pa.int64()), "words": pa.array([], pa.string())})
     assert text.sentences(empty, "stay", "words", "H").num_rows == 0
+
+
+def test_means_are_exact_whatever_the_order_of_addition():
+    """`sql_avg` is the exact mean of the values (as written, up to 10 decimals), correctly
+    rounded once: so the same on every run, whichever thread adds what. DuckDB's plain `avg`
+    of DOUBLEs is not (it agrees with the exact mean for about half of these groups), which
+    is how a mean on a rounding tie printed differently from run to run."""
+    from fractions import Fraction
+
+    rng = random.Random(18862)
+    groups = [[round(rng.uniform(0, 300), rng.choice([0, 1, 2, 3]))
+               for _ in range(rng.randint(2, 40))] for _ in range(3000)]  # fmt: skip
+    keys = [g for g, values in enumerate(groups) for _ in values]
+    con = duckdb.connect()
+    con.execute("SET threads = 4")
+    con.execute("CREATE TABLE t AS SELECT unnest($1::BIGINT[]) AS g, unnest($2::DOUBLE[]) AS x",
+                [keys, [v for values in groups for v in values]])
+    exact = [float(sum(Fraction(str(v)) for v in values) / len(values)) for values in groups]
+    means = dict(con.execute(f"SELECT g, {text.sql_avg('x')} FROM t GROUP BY g").fetchall())
+    assert [means[g] for g in range(len(groups))] == exact
+    plain = dict(con.execute("SELECT g, avg(x) FROM t GROUP BY g").fetchall())
+    assert sum(plain[g] == exact[g] for g in range(len(groups))) < 0.9 * len(groups)

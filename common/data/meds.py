@@ -135,7 +135,7 @@ def _build(data: list[Path], labels: list[Path], codes: Path | None, hours: int)
         numeric = f"{text.sql_mean('w.value')}"
 
         def items(section: str, header: str, value: bool, joiner: str) -> str:
-            mean = "avg(numeric_value)" if value else "NULL"
+            mean = text.sql_avg("numeric_value") if value else "NULL"
             keep = "numeric_value IS NOT NULL" if value else "TRUE"
             item = f"{numeric} || '{joiner}' || {name}" if value else name
             return f"""{section} AS (SELECT w.rid, {text.sql_sentence(header, item, 'w.code')}

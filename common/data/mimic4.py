@@ -298,11 +298,11 @@ def _chart_events(con, paths: dict[str, Path], s: Mimic4Settings,
                                   floor(c.us / 3600e6) AS h
                            FROM kept_units c JOIN kept k USING (stay_id)),
                  buckets AS (SELECT t.stay_id, t.itemid, floor(t.h / {s.bucket}) AS b,
-                                    avg(t.valuenum) AS mean
+                                    {text.sql_avg('t.valuenum')} AS mean
                              FROM timed t JOIN bounds USING (itemid)
                              WHERE {in_window} AND t.valuenum BETWEEN bounds.lo AND bounds.hi
                              GROUP BY ALL)
-            SELECT stay_id, itemid, avg(mean) AS value FROM buckets GROUP BY ALL""",
+            SELECT stay_id, itemid, {text.sql_avg('mean')} AS value FROM buckets GROUP BY ALL""",
                  SOURCE)  # fmt: skip
         duck.run(con, "DROP TABLE chart", SOURCE)
 
@@ -324,11 +324,11 @@ def _other_events(con, paths: dict[str, Path], s: Mimic4Settings) -> None:
                              AND m.rate IS NOT NULL AND m.amount IS NOT NULL
                              AND m.orderid IS NOT NULL),
                  orders AS (SELECT stay_id, itemid, orderid, floor(h / {s.bucket}) AS b,
-                                   avg(amount) AS mean
+                                   {text.sql_avg('amount')} AS mean
                             FROM timed WHERE h_end - h > 0 AND {in_window} GROUP BY ALL),
-                 buckets AS (SELECT stay_id, itemid, b, avg(mean) AS mean FROM orders
+                 buckets AS (SELECT stay_id, itemid, b, {text.sql_avg('mean')} AS mean FROM orders
                              GROUP BY ALL)
-            SELECT stay_id, itemid, avg(mean) AS value FROM buckets GROUP BY ALL""",
+            SELECT stay_id, itemid, {text.sql_avg('mean')} AS value FROM buckets GROUP BY ALL""",
                  str(paths["icu/inputevents"]))  # fmt: skip
         duck.run(con, f"""CREATE TABLE procedures AS
             SELECT DISTINCT stay_id, itemid FROM (

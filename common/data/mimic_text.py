@@ -137,6 +137,19 @@ def sql_mean(value: str) -> str:
     return sql_zero(sql_printed(value))
 
 
+def sql_avg(value: str) -> str:
+    """An aggregate: the mean of `value`, the same on every run.
+
+    DuckDB's `avg` of DOUBLEs adds in whatever order its threads finish, so a mean on a
+    rounding tie printed 123.637 on one run and 123.638 on the next (stay 18862 of the bench).
+    Each value is taken at 10 decimals (a chart value has a few; a bucket mean is rounded
+    there) and summed exactly as a DECIMAL; the one division is then correctly rounded, so
+    the mean is the exact mean of those values, whatever the order (a test checks it against
+    fractions).
+    """
+    return f"avg(CAST({value} AS DECIMAL(38, 10)))"
+
+
 def sql_words(value: str) -> str:
     """Whitespace runs collapsed to one space, ends trimmed (Python's `' '.join(s.split())`)."""
     return f"trim(regexp_replace(coalesce({value}, ''), '\\s+', ' ', 'g'))"
