@@ -64,7 +64,7 @@ def ledger_cmd(
     """Show this hospital's release ledger: every sum it took part in (no counts)."""
     import datetime
 
-    from client.ledger import ReleaseLedger
+    from client.ledger import ReleaseLedger, epsilon_spent
     from client.node_config import parse_node_config
     from client.node_file import load_node_file, node_config_values
     from common.errors import FedmergeError
@@ -91,10 +91,8 @@ def ledger_cmd(
                       f"{e.rho:.4g}" if e.rho else "—", e.terms[:12])
     console = Console()
     console.print(table)
-    from client.ledger import spent_epsilon
-
     privacy = cfg.policy.privacy
-    spent = spent_epsilon(ReleaseLedger(cfg.ledger), privacy.max_delta)
+    spent = epsilon_spent(entries, privacy.max_delta)
     console.print(
         f"privacy budget: ε spent {spent:.3g} of {privacy.max_epsilon_total:g} "
         f"(δ = {privacy.max_delta:.0e}; every noisy release composed, PLD accountant)"

@@ -189,19 +189,24 @@ class ReleaseLedger:
             os.close(fd)
 
 
+def _by_partition(entries: list[Release]) -> list[list[list]]:
+    """The noisy releases as partitions (folds, fold seed) → folds → their `Gaussians`."""
+    out: dict[tuple[int, int], dict[int, list]] = {}
+    for e in entries:
+        c = e.charges()
+        if c is not None:
+            out.setdefault((e.folds, e.fold_seed), {}).setdefault(e.fold, []).append(c)
+    return [list(folds.values()) for folds in out.values()]
+
+
+def _rho(charges) -> float:
+    return sum(c.count / (2 * c.sigma**2) for c in charges)
+
+
 def rho_spent(entries: list[Release]) -> float:
     """zCDP ρ spent by the most-charged patient: per partition (folds, seed) the largest
-    fold's sum, summed over partitions (shown beside ε; the budget is checked in ε)."""
-    return float(sum(max(f.values()) for f in _rho_by_fold(entries).values()))
-
-
-def _rho_by_fold(entries: list[Release]) -> dict[tuple[int, int], dict[int, float]]:
-    out: dict[tuple[int, int], dict[int, float]] = {}
-    for e in entries:
-        if e.rho > 0:
-            folds = out.setdefault((e.folds, e.fold_seed), {})
-            folds[e.fold] = folds.get(e.fold, 0.0) + e.rho
-    return out
+    fold's sum, summed over partitions (the ledger's looser bound, see `epsilon_spent`)."""
+    return float(sum(max(_rho(f) for f in p) for p in _by_partition(entries)))
 
 
 MAX_FOLD_CHOICES = 64
@@ -218,20 +223,17 @@ def epsilon_spent(entries: list[Release], delta: float, extra=()) -> float:
     """
     from common.dp.accounting import Gaussians, epsilon_of_rho, zcdp_epsilon
 
-    by_fold: dict[tuple[int, int], dict[int, list]] = {}
-    for e in entries:
-        c = e.charges()
-        if c is not None:
-            by_fold.setdefault((e.folds, e.fold_seed), {}).setdefault(e.fold, []).append(c)
+    partitions = _by_partition(entries)
     extra = [c for c in extra if c.count > 0]
-    if not by_fold and not extra:
+    if not partitions and not extra:
         return 0.0
-    partitions = [list(folds.values()) for folds in by_fold.values()]
     if math.prod(len(p) for p in partitions) > MAX_FOLD_CHOICES:
-        rho = sum(max(sum(c.count / (2 * c.sigma**2) for c in f) for f in p) for p in partitions)
-        tau = sum(max(sum(c.count * c.tau for c in f) for f in p) for p in partitions)
-        rho += sum(c.count / (2 * c.sigma**2) for c in extra)
-        return epsilon_of_rho(rho, delta) + tau + sum(c.count * c.tau for c in extra)
+        def tau(charges) -> float:
+            return sum(c.count * c.tau for c in charges)
+
+        rho = sum(max(_rho(f) for f in p) for p in partitions) + _rho(extra)
+        taus = sum(max(tau(f) for f in p) for p in partitions) + tau(extra)
+        return epsilon_of_rho(rho, delta) + taus
     choices = []
     for choice in itertools.product(*partitions):
         # Releases at one σ compose as one self-composed PLD; their τ (which differs only with
@@ -264,7 +266,3 @@ def _epsilon_cached(charges: tuple, delta: float) -> float:
 def over_budget(epsilon: float, budget: tuple[float, float]) -> bool:
     """ε spent (at the budget's δ) exceeds the budget's ε?"""
     return epsilon > budget[0] + 1e-9
-
-
-def spent_epsilon(ledger: ReleaseLedger, delta: float) -> float:
-    return ledger.spent_epsilon(delta)

@@ -87,7 +87,7 @@ def rotating_writer(path: Path, *, max_bytes: int, backups: int) -> Callable[[st
     return write
 
 
-def _running(pid: int, started: float | None = None) -> bool:
+def process_running(pid: int, started: float | None = None) -> bool:
     """Whether `pid` runs; with `started` (its start as written in the PID file), also
     whether it is still the same process: after a reboot or a long time the kernel reuses
     pids, and a stale file must neither block a start nor make `stop` signal a stranger."""
@@ -139,7 +139,7 @@ class PidFile:
             started = float(fields[1]) if len(fields) > 1 else None
         except (OSError, ValueError, IndexError):
             return None
-        return (pid, started) if _running(pid, started) else None
+        return (pid, started) if process_running(pid, started) else None
 
     def claim(self, what: str, stop_hint: str) -> None:
         running = self.pid()
@@ -168,7 +168,7 @@ def stop_by_pid_file(pid_file: Path, *, what: str, timeout: float = 30.0) -> int
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         # Judged by its create time too: once it exits, its pid may go to another process.
-        if not _running(pid, started):
+        if not process_running(pid, started):
             return pid
         time.sleep(0.1)
     raise FedmergeError(

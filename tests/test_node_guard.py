@@ -362,7 +362,7 @@ def test_with_noise_the_difference_is_noise_and_the_ledger_charges_the_budget(ti
     refused at the announcement, before anything is scored."""
     import numpy as np
 
-    from client.ledger import ReleaseLedger, spent_epsilon
+    from client.ledger import ReleaseLedger
     from client.node_config import parse_node_config
     from client.task import score_one
 
@@ -399,7 +399,7 @@ def test_with_noise_the_difference_is_noise_and_the_ledger_charges_the_budget(ti
         assert [e.rho for e in ledger.entries()] == pytest.approx([2 * rho1] * 2)
         assert [e.sigma for e in ledger.entries()] == [cal.sigma_total] * 2
         # (Run 2 assumed 2 honest sites of 3, run 1 three of 4: their τ differ, below 1e-9.)
-        assert spent_epsilon(ledger, 1e-6) == pytest.approx(eps(4), rel=1e-9)
+        assert ledger.spent_epsilon(1e-6) == pytest.approx(eps(4), rel=1e-9)
     # A third run could cost 11 more releases of the fold: past the budget in total.
     grid = _grid(tiny_parents, configs={n: configs[n] for n in (101, 102, 103)})
     accepted, refusals = announce(grid, recipe, [101, 102, 103])

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from common.errors import FedmergeError
+from common.service import process_running
 
 try:  # ISA-L's inflater releases the GIL like zlib's, and is about three times faster
     from isal import igzip as _gzip
@@ -200,21 +201,20 @@ def remove_stale(directory: Path) -> list[Path]:
         return removed
     for entry in entries:
         pid_text = entry.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
+        if not pid_text.isdigit() or process_running(int(pid_text)):
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _workdir(directory: Path | None) -> Path:
+    """A fresh chunk folder in `directory` (None: the system's temporary directory), named
+    after this process; the leftovers of killed loads there go first (`remove_stale`)."""
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    remove_stale(Path(directory or tempfile.gettempdir()))
+    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=directory))
 
 
 @contextmanager
@@ -226,11 +226,7 @@ def inflated(source: Path, temp_dir: Path | None = None) -> Iterator[Path]:
     if not is_gzip(source):
         yield source
         return
-    scratch = scratch_dir(temp_dir)
-    if scratch is not None:
-        scratch.mkdir(parents=True, exist_ok=True)
-    remove_stale(Path(scratch or tempfile.gettempdir()))
-    workdir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=scratch))
+    workdir = _workdir(scratch_dir(temp_dir))
     try:
         plain = workdir / source.name.removesuffix(".gz")
         with _gzip.open(source, "rb") as stream, open(plain, "wb") as out:
@@ -248,10 +244,7 @@ def chunks(source: Path, temp_dir: Path | None = None,
     Leaving the loop early (an error while reading a chunk) stops the inflater and removes
     every chunk file with the temporary directory.
     """
-    if temp_dir is not None:
-        temp_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale(Path(temp_dir or tempfile.gettempdir()))
-    workdir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=temp_dir))
+    workdir = _workdir(temp_dir)
     inflater = _Inflater(source, workdir, chunk_bytes or CHUNK_BYTES)
     inflater.start()
     try:

@@ -82,7 +82,8 @@ def check_columns(path: Path, columns: Mapping[str, str] | list[str]) -> list[st
     return names
 
 
-def _quote(text: str) -> str:
+def sql_string(text: str) -> str:
+    """`text` as an SQL string literal."""
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -95,10 +96,12 @@ def scan(path: Path, columns: Mapping[str, str], read: Path | None = None) -> st
     `read` is a file with the same header to read instead (an uncompressed chunk of `path`).
     """
     names = check_columns(path, columns)
-    declared = ", ".join(f"{_quote(n)}: {_quote(columns.get(n, 'VARCHAR'))}" for n in names)
+    declared = ", ".join(
+        f"{sql_string(n)}: {sql_string(columns.get(n, 'VARCHAR'))}" for n in names
+    )
     select = ", ".join(f'"{name}"' for name in columns)
     return (
-        f"(SELECT {select} FROM read_csv({_quote(str(read or path))}, header = true, "
+        f"(SELECT {select} FROM read_csv({sql_string(str(read or path))}, header = true, "
         f"auto_detect = false, delim = ',', quote = '\"', escape = '\"', "
         f"columns = {{{declared}}}))"
     )
@@ -151,7 +154,7 @@ def connect(spill: Path | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         con.execute("SET enable_progress_bar = false")
         if spill is not None:
             spill.mkdir(parents=True, exist_ok=True)
-            con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
+            con.execute(f"SET temp_directory = {sql_string(str(spill))}")
         yield con
     finally:
         con.close()

@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from common.data import chunked, cohort_cache, duck, eicu_python, progress
-from common.data.eicu_python import APACHE_HOURS, FLAGS, PHYSIOLOGY, TABLES
+from common.data.eicu_python import APACHE_HOURS, PHYSIOLOGY_COLUMNS, TABLES, TIMELINES
 from common.data.tables import find_table
 from common.errors import FedmergeError
 from common.records import PatientRecord
@@ -96,9 +96,10 @@ def cohort_table(directory: Path, *, site: str, hours: float) -> pa.Table:
         labelled = set(stays)
         physiology = (_physiology(con, find_table(directory, "apacheApsVar"), labelled)
                       if hours >= APACHE_HOURS else {})
-        admission = _timeline(con, directory, _ADMISSION, end, labelled, header=None)
+        admission = _timeline(con, directory, TIMELINES["admission"], end, labelled,
+                              header=None)
         sentences = {
-            name: _timeline(con, directory, _SENTENCE_TABLES[name], end, labelled, header=header)
+            name: _timeline(con, directory, TIMELINES[name], end, labelled, header=header)
             for name, header, _ in eicu_python.SENTENCES
         }
     names, texts, numeric = [], [], []
@@ -125,7 +126,7 @@ def _check_dialect(con, path: Path) -> None:
     a comma inside. Such a table goes to the row-by-row reader. The same pass reads every
     line as text, so invalid UTF-8 anywhere (also in a column the text never uses, which the
     column scan does not decode) fails here as it fails in the reference."""
-    sql = (f"SELECT count(*) FROM read_csv({_sql_text(str(path))}, header = false, "
+    sql = (f"SELECT count(*) FROM read_csv({duck.sql_string(str(path))}, header = false, "
            "auto_detect = false, delim = '\x1f', quote = '', escape = '', strict_mode = false, "
            "columns = {'line': 'VARCHAR'}) "
            "WHERE contains(line, ' \"') AND regexp_matches(line, '(^|,) +\"')")
@@ -154,8 +155,6 @@ def _map_distinct(con, name: str, sql: str, keys: Sequence[str], fn: Callable, o
                   out_type) -> None:
     """Register `name`: each distinct row of `sql` (its `keys`) with `fn(*values)` as `out`
     (rows where fn gives None are left out)."""
-    import pyarrow as pa
-
     quoted = ", ".join(f'"{k}"' for k in keys)
     distinct = con.sql(f"SELECT DISTINCT {quoted} FROM {sql}").fetchall()
     kept = [(row, value) for row in distinct if (value := fn(*row)) is not None]
@@ -183,8 +182,6 @@ def _timeline(con, directory: Path, spec: tuple, end: float, labelled: set[str],
               header: str | None) -> dict:
     """Stay → its items recorded before `end` minutes, ordered by (offset, line), each once
     (the reference's `_Timeline`): as a list, or with `header` as the reference's sentence."""
-    import pyarrow as pa
-
     table, columns, render = spec
     stay_col, offset_col, *payload = columns
     _read_kept(con, find_table(directory, table), columns, labelled)
@@ -195,7 +192,7 @@ def _timeline(con, directory: Path, spec: tuple, end: float, labelled: set[str],
                   [offset_col], _offset, "offset_", pa.int64())
     ordered = "list(item_ ORDER BY offset_, row_)"
     value = ordered if header is None else (
-        f"{_sql_text(header + ' ')} || array_to_string({ordered}, ' ; ') || ' .'")
+        f"{duck.sql_string(header + ' ')} || array_to_string({ordered}, ' ; ') || ' .'")
     result = con.sql(f"""
         WITH placed AS (
             SELECT k.stay_, i.item_, o.offset_, k.row_ FROM kept_ k
@@ -210,10 +207,6 @@ def _timeline(con, directory: Path, spec: tuple, end: float, labelled: set[str],
         SELECT stay_, {value} AS value_ FROM first_ WHERE n_ = 1 GROUP BY stay_
     """).to_arrow_table()
     return dict(zip(result.column(0).to_pylist(), result.column(1).to_pylist(), strict=True))
-
-
-def _sql_text(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def _keep_labelled(con, scan: str, stay_col: str, labelled: set[str]) -> None:
@@ -241,38 +234,22 @@ def _keep_labelled(con, scan: str, stay_col: str, labelled: set[str]) -> None:
 
 
 def _physiology(con, path: Path, labelled: set[str]) -> dict[str, str]:
-    """Stay → its APACHE sentence (the reference's `_physiology`: per row, each measured value
-    with its unit and each set flag; the last row of a stay with any item wins)."""
-    import pyarrow as pa
-
-    value_cols = [c for c, _, _ in PHYSIOLOGY]
-    flag_cols = [c for c, _ in FLAGS]
-    columns = ("patientunitstayid", *value_cols, *flag_cols)
-    _read_kept(con, path, columns, labelled)
-    order = {c: i for i, c in enumerate((*value_cols, *flag_cols))}
-    words = {c: (name, unit) for c, name, unit in PHYSIOLOGY}
-    flags = dict(FLAGS)
+    """Stay → its APACHE sentence (the reference's `_physiology`: per row, each value through
+    `physiology_item`, in column order; the last row of a stay with any item wins)."""
+    _read_kept(con, path, PHYSIOLOGY_COLUMNS, labelled)
+    order = PHYSIOLOGY_COLUMNS[1:]
 
     def item(column: str, raw: str) -> str | None:
-        if column in flags:
-            return flags[column] if raw.strip() == "1" else None
-        raw = raw.strip()
-        if not raw:
-            return None
         try:
-            value = eicu_python.format_number(raw, "")
+            return eicu_python.physiology_item(column, raw, "")
         except FedmergeError:
             raise _RowByRow from None
-        if value == "-1":  # eICU's marker for "not measured"
-            return None
-        name, unit = words[column]
-        return f"{name} {value} {unit}".rstrip()
 
-    unpivot = (f"(UNPIVOT (SELECT row_, stay_, {', '.join(f'{chr(34)}{c}{chr(34)}' for c in order)}"
-               " FROM kept_) ON " + ", ".join(f'"{c}"' for c in order)
-               + " INTO NAME column_ VALUE raw_)")
+    listed = ", ".join(f'"{c}"' for c in order)
+    unpivot = (f"(UNPIVOT (SELECT row_, stay_, {listed} FROM kept_) ON {listed} "
+               "INTO NAME column_ VALUE raw_)")
     _map_distinct(con, "aps_items_", unpivot, ["column_", "raw_"], item, "item_", pa.string())
-    con.register("aps_order_", pa.table({"column_": list(order), "i_": list(order.values())}))
+    con.register("aps_order_", pa.table({"column_": list(order), "i_": range(len(order))}))
     result = con.sql(f"""
         WITH per_row AS (
             SELECT u.stay_, u.row_, list(m.item_ ORDER BY o.i_) AS items_
@@ -283,30 +260,5 @@ def _physiology(con, path: Path, labelled: set[str]) -> dict[str, str]:
         )
         SELECT stay_, arg_max(items_, row_) FROM per_row GROUP BY stay_
     """).fetchall()
-    return {stay: eicu_python._sentence(
-        "The worst APACHE physiology of the first 24 hours is :", list(items))
-        for stay, items in result}
-
-
-def _medication(values) -> str:
-    return "" if values[3].strip() == "Yes" else eicu_python._clean(values[2])
-
-
-def _last_part(values) -> str:
-    return eicu_python._clean(values[2].split("|")[-1])
-
-
-# (table, columns: stay, offset, payload..., render of (stay, offset, *payload)): the
-# reference's `load_eicu_python`, table for table.
-_ADMISSION = ("admissionDx",
-              ("patientunitstayid", "admitdxenteredoffset", "admitdxpath", "admitdxname"),
-              lambda v: eicu_python._admission_item(v[2], v[3]))  # fmt: skip
-_SENTENCE_TABLES: dict[str, tuple[str, tuple[str, ...], Callable]] = {
-    "diagnoses": ("diagnosis", ("patientunitstayid", "diagnosisoffset", "diagnosisstring"),
-                  _last_part),
-    "medications": ("medication",
-                    ("patientunitstayid", "drugstartoffset", "drugname", "drugordercancelled"),
-                    _medication),
-    "treatments": ("treatment", ("patientunitstayid", "treatmentoffset", "treatmentstring"),
-                   _last_part),
-}  # fmt: skip
+    return {stay: eicu_python._sentence(eicu_python.PHYSIOLOGY_HEADER, list(items))
+            for stay, items in result}

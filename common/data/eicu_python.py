@@ -20,7 +20,7 @@ hospital id: the natural federated split of the multi-centre database.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from common.data.tables import find_table, read_columns
@@ -188,27 +188,39 @@ def _demographics(row: dict[str, str], where: str) -> str | None:
     return f"The patient is {' , '.join(parts)} ." if parts else None
 
 
+PHYSIOLOGY_HEADER = "The worst APACHE physiology of the first 24 hours is :"
+PHYSIOLOGY_COLUMNS = ("patientunitstayid", *(c for c, _, _ in PHYSIOLOGY), *(c for c, _ in FLAGS))
+_UNITS = {column: (name, unit) for column, name, unit in PHYSIOLOGY}
+_FLAG_NAMES = dict(FLAGS)
+
+
+def physiology_item(column: str, raw: str, where: str) -> str | None:
+    """One apacheApsVar value as the text shows it (None: not shown): a measured value with
+    its unit, or a flag's name when it is set; `where` names the place for a bad number."""
+    if column in _FLAG_NAMES:
+        return _FLAG_NAMES[column] if raw.strip() == "1" else None
+    raw = raw.strip()
+    if not raw:
+        return None
+    value = format_number(raw, where)
+    if value == "-1":  # eICU's marker for "not measured"
+        return None
+    name, unit = _UNITS[column]
+    return f"{name} {value} {unit}".rstrip()
+
+
 def _physiology(directory: Path, stays: set[str]) -> dict[str, str]:
     path = find_table(directory, "apacheApsVar")
-    columns = ("patientunitstayid", *(c for c, _, _ in PHYSIOLOGY), *(c for c, _ in FLAGS))
     texts: dict[str, str] = {}
-    for line, values in read_columns(path, columns):
+    for line, values in read_columns(path, PHYSIOLOGY_COLUMNS):
         stay = values[0].strip()
         if stay not in stays:
             continue
-        row = dict(zip(columns, values, strict=True))
-        items = []
-        for column, name, unit in PHYSIOLOGY:
-            raw = row[column].strip()
-            if not raw:
-                continue
-            value = format_number(raw, f"{path}: line {line}, column '{column}'")
-            if value == "-1":  # eICU's marker for "not measured"
-                continue
-            items.append(f"{name} {value} {unit}".rstrip())
-        items += [name for column, name in FLAGS if row[column].strip() == "1"]
+        items = [item for column, raw in zip(PHYSIOLOGY_COLUMNS[1:], values[1:], strict=True)
+                 if (item := physiology_item(column, raw, f"{path}: line {line}, column "
+                                                          f"'{column}'")) is not None]
         if items:
-            texts[stay] = _sentence("The worst APACHE physiology of the first 24 hours is :", items)
+            texts[stay] = _sentence(PHYSIOLOGY_HEADER, items)
     return texts
 
 
@@ -240,6 +252,26 @@ TABLES = ("patient", "hospital", "apacheApsVar", "admissionDx", "diagnosis", "me
           "treatment")  # fmt: skip
 
 
+def _last_part(values: tuple[str, ...]) -> str:
+    return _clean(values[2].split("|")[-1])
+
+
+# Each timeline: its table, the columns read (stay, offset, then what the item is made of) and
+# the item of a row's values ("" or None: no item). Both readers use these.
+TIMELINES: dict[str, tuple[str, tuple[str, ...], Callable[[tuple[str, ...]], str]]] = {
+    "admission": ("admissionDx",
+                  ("patientunitstayid", "admitdxenteredoffset", "admitdxpath", "admitdxname"),
+                  lambda v: _admission_item(v[2], v[3])),
+    "diagnoses": ("diagnosis", ("patientunitstayid", "diagnosisoffset", "diagnosisstring"),
+                  _last_part),
+    "medications": ("medication",
+                    ("patientunitstayid", "drugstartoffset", "drugname", "drugordercancelled"),
+                    lambda v: "" if v[3].strip() == "Yes" else _clean(v[2])),
+    "treatments": ("treatment", ("patientunitstayid", "treatmentoffset", "treatmentstring"),
+                   _last_part),
+}  # fmt: skip
+
+
 def load_eicu_python(directory: Path, *, site: str, hours: float) -> list[PatientRecord]:
     """Every labelled stay, every table read row by row with the stdlib `csv` module."""
     patient_path, stays = _patients(directory)
@@ -249,34 +281,17 @@ def load_eicu_python(directory: Path, *, site: str, hours: float) -> list[Patien
     # APACHE day-1 values summarise the first 24 h: with a shorter window they would look ahead.
     physiology = _physiology(directory, ids) if hours >= APACHE_HOURS else {}
 
-    admission = _Timeline(ids, end)
-    _read_timeline(
-        directory, "admissionDx",
-        ("patientunitstayid", "admitdxenteredoffset", "admitdxpath", "admitdxname"),
-        admission, lambda v: _admission_item(v[2], v[3]),
-    )  # fmt: skip
-    diagnoses = _Timeline(ids, end)
-    _read_timeline(
-        directory, "diagnosis", ("patientunitstayid", "diagnosisoffset", "diagnosisstring"),
-        diagnoses, lambda v: _clean(v[2].split("|")[-1]),
-    )  # fmt: skip
-    medications = _Timeline(ids, end)
-    _read_timeline(
-        directory, "medication",
-        ("patientunitstayid", "drugstartoffset", "drugname", "drugordercancelled"),
-        medications, lambda v: "" if v[3].strip() == "Yes" else _clean(v[2]),
-    )  # fmt: skip
-    treatments = _Timeline(ids, end)
-    _read_timeline(
-        directory, "treatment", ("patientunitstayid", "treatmentoffset", "treatmentstring"),
-        treatments, lambda v: _clean(v[2].split("|")[-1]),
-    )  # fmt: skip
+    timelines = {}
+    for name, (table, columns, render) in TIMELINES.items():
+        timelines[name] = _Timeline(ids, end)
+        _read_timeline(directory, table, columns, timelines[name], render)
 
     sentences = {
-        name: {stay: _sentence(header, timeline.ordered(stay)) for stay in timeline.items}
-        for (name, header, _), timeline in zip(SENTENCES, (diagnoses, medications, treatments),
-                                               strict=True)
+        name: {stay: _sentence(header, timelines[name].ordered(stay))
+               for stay in timelines[name].items}
+        for name, header, _ in SENTENCES
     }
+    admission = timelines["admission"]
     admitted = {stay: admission.ordered(stay) for stay in admission.items}
     return [
         PatientRecord(

@@ -403,12 +403,18 @@ def _diagnoses(con, paths: dict[str, Path], s: Mimic4Settings) -> None:
                      "(the pipeline converts them to ICD-10 roots)")
 
 
-def _numeric(table: str, header: str, joiner: str) -> str:
-    """SQL: per stay, the sentence of `table`'s means (chart events, medications)."""
-    item = f"{text.sql_zero('m')} || '{joiner}' || label"  # each mean printed once, '-0' fixed
-    return f"""SELECT stay_id, {text.sql_sentence(header, item, 'itemid')} AS sentence
+def _mean_items(table: str, joiner: str) -> str:
+    """SQL: (stay_id, itemid, item) for `table`'s means (chart events, medications), each
+    printed once and its '-0' fixed, then `joiner` and the item's label."""
+    return f"""SELECT stay_id, itemid, {text.sql_zero('m')} || '{joiner}' || label AS item
         FROM (SELECT t.stay_id, t.itemid, {text.sql_printed('t.value')} AS m, i.label
-              FROM {table} t JOIN items i USING (itemid)) GROUP BY stay_id"""
+              FROM {table} t JOIN items i USING (itemid))"""
+
+
+def _numeric(table: str, header: str, joiner: str) -> str:
+    """SQL: per stay, the sentence of `table`'s means."""
+    return f"""SELECT stay_id, {text.sql_sentence(header, 'item', 'itemid')} AS sentence
+        FROM ({_mean_items(table, joiner)}) GROUP BY stay_id"""
 
 
 def _listed(table: str, header: str) -> str:
@@ -445,15 +451,12 @@ def _render_others(con) -> None:
 def _chart_text(con) -> pa.Table:
     """Per stay, the chart events sentence (`stay_id`, `sentence`), joined by Arrow.
 
-    The means are printed in DuckDB (as `_numeric` does), the rows sorted by stay and item, and
-    each stay's items joined by `text.sentences`: the same text as `_numeric('chart_means',
-    ...)`, whose per-stay ordered aggregate took twice the CPU time (chart_means has one row
-    per stay and item, so the item order has no ties).
+    The means are printed in DuckDB (`_mean_items`, as for `_numeric`), the rows sorted by
+    stay and item, and each stay's items joined by `text.sentences`: the same text as
+    `_numeric('chart_means', ...)`, whose per-stay ordered aggregate took twice the CPU time
+    (chart_means has one row per stay and item, so the item order has no ties).
     """
-    item = f"{text.sql_zero('m')} || ' for ' || label"
-    rows = duck.arrow(con, f"""SELECT stay_id, {item} AS item
-        FROM (SELECT t.stay_id, t.itemid, {text.sql_printed('t.value')} AS m, i.label
-              FROM chart_means t JOIN items i USING (itemid))
+    rows = duck.arrow(con, f"""SELECT stay_id, item FROM ({_mean_items('chart_means', ' for ')})
         ORDER BY stay_id, itemid""", SOURCE)  # fmt: skip
     return text.sentences(rows, "stay_id", "item", text.CHART_HEADER)
 
