@@ -22,6 +22,11 @@ processes, so every peak memory is that load's own. Every time is wall-clock sec
    split iid into 4 sites, site 0's tuning fold (fold 0 of 2), that fold's records built —
    what `client.node_cache` does before scoring (`node_path_records` of them).
 
+5. chartevents read and nothing else, the loader's way (chunks inflated in a thread, parsed by
+   DuckDB, the same columns and filters, folded into a checksum): `chart_read_only_s`, and
+   `speedup_ceiling_read_only` = python_s / that, what no loader parsing this CSV with this
+   engine on this machine could beat.
+
 `python_cpu_s` and `first_cpu_s` are the CPU seconds (user + system, every thread) of the
 baseline's and the first load's `load_records`. The baseline runs on one core, the DuckDB
 loader on all (two here): when other work shares the machine, first_s suffers more than
@@ -114,6 +119,31 @@ def _load(spec: str, then: str) -> Timing:
     return Timing(seconds, len(records), peak, then_s, then_records, key, cpu)
 
 
+def _read_only(directory: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of reading chartevents alone, the way the loader reads it (the
+    gzip inflated in a thread, each uncompressed chunk parsed by DuckDB on every core, the
+    same typed columns and NOT NULL filters), every parsed row folded into a checksum instead
+    of kept: no join, no DISTINCT, no percentile, no mean, no text. What the first load's
+    ratio to the baseline can never beat while parsing the CSV is the job."""
+    os.environ["FEDMERGE_QUIET"] = "1"
+    import duckdb  # noqa: F401
+
+    from common.data import chunked, duck
+    from common.data.mimic4 import TABLES
+
+    path = directory / "icu" / "chartevents.csv.gz"
+    cpu = _cpu_seconds()
+    start = time.perf_counter()
+    with duck.connect() as con:
+        for chunk in chunked.chunks(path, chunked.scratch_dir(None)):
+            duck.rows(con, f"""SELECT count(*), sum(c.stay_id), sum(c.itemid), sum(c.valuenum),
+                       max(hash(c.valueuom)), max(epoch_us(c.charttime))
+                FROM {duck.scan(path, TABLES['icu/chartevents'], chunk.path)} c
+                WHERE c.valuenum IS NOT NULL AND c.valueuom IS NOT NULL
+                  AND c.charttime IS NOT NULL AND c.itemid IS NOT NULL""", str(path))
+    return time.perf_counter() - start, _cpu_seconds() - cpu
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -144,6 +174,8 @@ def main() -> None:
         first = _fresh(spec, "all")
         cached = _fresh(spec, "all")
         node = _fresh(spec, "node")
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            read_s, read_cpu_s = pool.submit(_read_only, root).result()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the export too, unless it lives in --dir
 
@@ -161,6 +193,8 @@ def main() -> None:
     print(f"{'node path, cached':<20} {node.then_s:9.3f} {node.then_records:8d}   "
           f"(load, split iid 4, fold 0 of 2, its records built)")  # fmt: skip
     print(f"cache key: {cached.key_s * 1000:.1f} ms")
+    print(f"{'chartevents read only':<20} {read_s:9.2f} ({read_cpu_s:.2f} CPU-s: parsing alone,"
+          f" {read_s / first.seconds:.0%} of the first load)")  # fmt: skip
     scale = FULL_CHARTEVENTS / args.rows
     new_full = cached.seconds + (first.seconds - cached.seconds) * scale
     print(f"extrapolated to {FULL_CHARTEVENTS / 1e6:.0f} M chartevents rows: duckdb "
@@ -181,6 +215,11 @@ def main() -> None:
         "speedup": round(python.seconds / first.seconds, 2) if python else None,
         "speedup_materialized": round(python.seconds / first.then_s, 2) if python else None,
         "cached_speedup": round(first.seconds / cached.seconds, 1),
+        # Reading chartevents and nothing else: the ceiling of `speedup` for any loader that
+        # parses the CSV with this engine on this machine.
+        "chart_read_only_s": round(read_s, 2),
+        "chart_read_only_cpu_s": round(read_cpu_s, 2),
+        "speedup_ceiling_read_only": round(python.seconds / read_s, 2) if python else None,
         "peak_rss_gb": round(first.peak_gb, 3),
         "cached_peak_rss_gb": round(cached.peak_gb, 3),
         "python_peak_rss_gb": round(python.peak_gb, 3) if python else None,

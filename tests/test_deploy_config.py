@@ -424,8 +424,9 @@ def test_dry_run_warns_about_coordinator_shipped_code(node_file, tmp_path):
 def test_a_policy_typo_is_an_error_not_a_default(node_file):
     raw = yaml.safe_load(node_file.read_text())
     raw["node"]["policy"] = {"min_site": 5}
-    node_file.write_text(yaml.safe_dump(raw))
-    res = runner.invoke(app, ["node", "dry-run", str(node_file)])
+    typo = node_file.parent / "node-typo.yaml"  # a copy: the fixture is shared by the module
+    typo.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["node", "dry-run", str(typo)])
     assert isinstance(res.exception, FedmergeError)
     assert "field 'node.policy.min_site': unknown key" in str(res.exception)
 
@@ -441,3 +442,40 @@ def test_dry_run_prints_the_whole_sha256_on_a_narrow_terminal(node_file, tiny_pa
     assert res.exit_code == 0, res.output
     assert f"parent A sha256 {fingerprint(Path(tiny_parents[0]))}" in res.output
     assert f"parent B sha256 {fingerprint(Path(tiny_parents[1]))}" in res.output
+
+
+def test_node_ledger_lists_every_release_and_the_epsilon_spent(node_file, tmp_path):
+    """`fedmerge node ledger`: what a hospital's operator reads to see its budget; the ε it
+    prints is the ledger's own composition (the number a next run is checked against)."""
+    from client.ledger import Release, ReleaseLedger, epsilon_spent
+    from common.dp.accounting import Gaussians, epsilon_of
+
+    raw = yaml.safe_load(node_file.read_text())
+    with_ledger = node_file.parent / "node-with-ledger.yaml"
+    raw["node"]["ledger"] = str(tmp_path / "releases.jsonl")
+    raw["node"]["policy"] = {"min_cohort": 5, "min_positives": 1,
+                             "privacy": {"max_epsilon_total": 20.0, "max_delta": 1e-6}}
+    with_ledger.write_text(yaml.safe_dump(raw))
+    ledger = ReleaseLedger(tmp_path / "releases.jsonl")
+    for fold, count in ((0, 11), (1, 2)):  # one run: 11 tuning candidates, 2 held out
+        ledger.record(Release(time=1_700_000_000.0 + fold, run=7, round=fold + 1,
+                              stage="tune" if fold == 0 else "test", fold=fold, folds=2,
+                              fold_seed=0, terms="abcdef0123456789",
+                              candidates=tuple(f"[{i / 10}]" for i in range(count)), sites=4,
+                              rho=count / (2 * 3.0**2), sigma=3.0, tau=0.0))
+    entries = ledger.entries()
+    res = runner.invoke(app, ["node", "ledger", str(with_ledger), "--json"])
+    assert res.exit_code == 0, res.output
+    assert [Release.model_validate_json(line) for line in res.output.splitlines()] == entries
+    res = runner.invoke(app, ["node", "ledger", str(with_ledger)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    spent = epsilon_spent(entries, 1e-6)
+    # The folds of one partition are parallel: a patient is charged its own fold's releases,
+    # at most the tuning fold's 11 (not 13).
+    assert spent == pytest.approx(epsilon_of([Gaussians(3.0, 11)], 1e-6)[0], rel=1e-9)
+    assert f"ε spent {spent:.3g} of 20 (δ = 1e-06" in res.output
+    assert "releases)" in res.output and "tune" in res.output and "test" in res.output
+    # A node file without a ledger: one error naming the field.
+    res = runner.invoke(app, ["node", "ledger", str(node_file)])
+    assert isinstance(res.exception, FedmergeError)
+    assert str(node_file) in str(res.exception) and "'node.ledger': not set" in str(res.exception)

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from common.data import cohort_cache, progress
 from common.data import mimic_text as text
+from common.data.duck import sql_string
 from common.errors import FedmergeError
 from common.records import PatientRecord
 
@@ -89,7 +90,7 @@ def _check_schema(files: list[Path], columns: dict[str, str], table: str) -> Non
 
 
 def _literal(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+    return "[" + ", ".join(sql_string(str(p)) for p in paths) + "]"
 
 
 def _build(data: list[Path], labels: list[Path], codes: Path | None, hours: int) -> pa.Table:

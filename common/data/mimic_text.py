@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import pyarrow as pa
 
+from common.data.duck import sql_string
 from common.data.lazy import LazyRecords
 from common.records import PatientRecord, Section
 
@@ -207,8 +208,7 @@ def sentences(rows: pa.Table, key: str, item: str, header: str) -> pa.Table:
 
 def sql_sentence(header: str, items: str, order: str) -> str:
     """An aggregate: `header` + items joined by ';' in `order` + '.'."""
-    quoted = header.replace("'", "''")
-    return f"'{quoted}' || {sql_joined(items, order)} || '.'"
+    return f"{sql_string(header)} || {sql_joined(items, order)} || '.'"
 
 
 def sql_demographics(race: str, gender: str, age: str, insurance: str, diagnoses: str) -> str:
