@@ -245,7 +245,11 @@ def test_killed_site_is_a_dropout_and_the_run_completes(faults):
     privacy = report["privacy"]
     assert privacy["mode"] == "distributed" and privacy["epsilon"] <= 8.0
     assert privacy["honest_sites"] == 3  # a strict majority of the 5 announced sites
-    assert report["histogram"]["bins"] == 16  # the default with noise on
+    from common.metrics import NOISY_HISTOGRAM
+
+    # The default with noise on (8 class-balanced bins).
+    assert report["histogram"]["bins"] == NOISY_HISTOGRAM.bins == 8
+    assert report["histogram"]["placement"] == NOISY_HISTOGRAM.placement
     tolerance = _n_tolerance(privacy, len(live), report["histogram"]["bins"])
     for fig in report["tune"]:
         assert abs(fig["n"] - faults["live_tune_n"]) <= tolerance, fig
