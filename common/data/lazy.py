@@ -18,14 +18,17 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
-import pyarrow as pa
 
 from common.records import PatientRecord
 
-Builder = Callable[[pa.Table], list[PatientRecord]]
+if TYPE_CHECKING:  # a LazyRecords always holds a table, so pyarrow is loaded by its maker;
+    # the synthetic cohort, which never makes one, does not pay pyarrow's import (~0.1 s)
+    import pyarrow as pa
+
+Builder = Callable[["pa.Table"], list[PatientRecord]]
 BLOCK = 1024  # rows converted together: Arrow→Python conversion is cheap per row in bulk
 
 
@@ -46,6 +49,12 @@ def paused_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _indices(rows):
+    import pyarrow as pa
+
+    return pa.array(rows)
 
 
 def hard_variant(record: PatientRecord) -> PatientRecord:
@@ -73,7 +82,7 @@ class LazyRecords(Sequence[PatientRecord]):
         column = self._table.column(name)
         if self._whole:
             return column.to_pylist()
-        return column.take(pa.array(self._rows)).to_pylist()
+        return column.take(_indices(self._rows)).to_pylist()
 
     def stay_ids(self) -> list[str]:
         return self._column("stay_id")
@@ -108,7 +117,7 @@ class LazyRecords(Sequence[PatientRecord]):
             first, count = missing[0], len(missing)
             contiguous = missing[-1] - first + 1 == count  # iterating in order: a zero-copy slice
             block = (self._table.slice(first, count) if contiguous
-                     else self._table.take(pa.array(missing)))  # fmt: skip
+                     else self._table.take(_indices(missing)))  # fmt: skip
             with paused_gc():
                 built = self._build(block)
             for row, record in zip(missing, built, strict=True):
@@ -150,7 +159,7 @@ class LazyRecords(Sequence[PatientRecord]):
 
     def __reduce__(self):
         """Pickle this view's rows of the table (compact Arrow), not its built objects."""
-        table = self._table.take(pa.array(self._rows))
+        table = self._table.take(_indices(self._rows))
         return (LazyRecords, (table, self._build), {"_site": self._site, "_hard": self._hard})
 
     def __setstate__(self, state: dict) -> None:

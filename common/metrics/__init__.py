@@ -15,7 +15,7 @@ from common.metrics.pooled import PooledMetrics, auprc_error_bound, pooled_metri
 # 0.019/0.014 → 0.009); on the 322-stay synthetic fold at ε = 8 error 0.029/0.030 → 0.023;
 # on a 10,020-stay fold at ε = 1 regret unchanged within noise (0.0031/0.0040 → 0.0035).
 # The price is the tie bias where the noise is small: that fold at ε = 8 reads its AUROC
-# 0.0055 off (0.0022 with 16 bins), λ* unaffected. A site or recipe that wants more bins
+# 0.0055 off (0.0022 with 16 bins) and its AUPRC 0.050 off (0.027), λ* unaffected. A site or recipe that wants more bins
 # names them. Why balanced with noise: the noise costs the AUROC least in the bins where
 # positives sit (`HistogramSpec`). Without noise neither placement wins everywhere (worst
 # AUROC error over the 11 λ: 0.0033 at the score quantiles against 0.0031 balanced on the
