@@ -118,7 +118,7 @@ STAGE_PLAIN = "plain"
 
 def recipe_shape() -> tuple[int, int]:
     """(candidates per round, bins) of the default recipe's grid search, at the larger of the
-    two default specs (32 bins for exact sums; runs with noise use 16, a shorter vector)."""
+    two default specs (32 bins for exact sums; runs with noise use 8, a shorter vector)."""
     from common.metrics import FEDERATED_HISTOGRAM
     from server.recipe import TuningRecipe
 

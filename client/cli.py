@@ -61,7 +61,8 @@ def ledger_cmd(
     node_file: Path = typer.Argument(..., help="The node file (YAML: connection + node)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per release."),
 ) -> None:
-    """Show this hospital's release ledger: every sum it took part in (no counts)."""
+    """Show this hospital's release ledger: every sum it took part in (no counts); a
+    "summed" line is the size of a sum as its UNMASK settled it."""
     import datetime
 
     from client.ledger import ReleaseLedger, epsilon_spent
@@ -86,7 +87,8 @@ def ledger_cmd(
         table.add_column(col)
     for e in entries:
         when = datetime.datetime.fromtimestamp(e.time, datetime.UTC).strftime("%Y-%m-%d %H:%M")
-        table.add_row(when, str(e.run), str(e.round), e.stage, f"{e.fold}/{e.folds}",
+        stage = e.stage if e.kind == "release" else f"{e.stage}: summed"
+        table.add_row(when, str(e.run), str(e.round), stage, f"{e.fold}/{e.folds}",
                       str(e.fold_seed), str(e.sites), str(len(e.candidates)),
                       f"{e.rho:.4g}" if e.rho else "—", e.terms[:12])
     console = Console()

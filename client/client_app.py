@@ -50,6 +50,8 @@ SECAGG_STATE_RECORD = "secaggplus_state"  # flwr's RECORD_KEY_STATE, checked in 
 # The scored round the site holds: histograms per candidate, and what they answer.
 SCORED_ARRAYS = "fedmerge.scored"
 SCORED_META = "fedmerge.scored.meta"
+# What this site released in the SecAgg+ round in progress, for the check at its UNMASK.
+PENDING_SUM = "fedmerge.pending_sum"
 
 log = logging.getLogger("fedmerge.node")
 
@@ -255,7 +257,7 @@ def handle_score(msg: Message, context: Context, cfg: NodeConfig) -> Message:
             site_event("failed", run=context.run_id, round=instr.round, stage="round",
                        rule="site:data-unavailable")
             return _refuse(msg, site, "site:data-unavailable")
-        reason = reason or _check_ledger(cfg, context, instr, instr.sites, record=False)
+        reason = reason or _check_ledger(cfg, context, instr, instr.sites, record=False)[0]
         if reason:
             log.info("round %s refused: %s (%s)", instr.round, reason, RULES.get(reason, ""))
             site_event("refused", run=context.run_id, round=instr.round, stage="round",
@@ -317,18 +319,24 @@ def handle_round(msg: Message, context: Context, cfg: NodeConfig) -> Message:
     """The SecAgg+ masked-vector stage: hand over the stored histograms, once."""
     site = _site(context, cfg)
     instr = read_instructions(msg)
+    context.state.config_records.pop(PENDING_SUM, None)
     histograms, rule = stored_histograms(context, instr)
     state = context.state.config_records.get(SECAGG_STATE_RECORD)
     sampled = int(state["sample_num"]) if state is not None else instr.sites
+    release = None
     if rule is None:
         rule = _check_privacy_release(context, instr, sampled)
-        rule = rule or _check_ledger(cfg, context, instr, sampled, record=True)
+        if rule is None:
+            rule, release = _check_ledger(cfg, context, instr, sampled, record=True)
     if rule is not None:
         log.info("round %s: release refused: %s", instr.round, rule)
         site_event("refused", run=context.run_id, round=instr.round, stage="release", rule=rule)
         return _refuse(msg, site, rule)
     # Released at most once: a second sum over other sites would isolate this one.
     context.state.config_records[SCORED_META]["spent"] = True
+    context.state.config_records[PENDING_SUM] = ConfigRecord({
+        "release": release.model_dump_json() if release is not None else "",
+        "mode": instr.privacy.mode, "honest_sites": int(instr.privacy.honest_sites)})
     from client.task import noisy_release
 
     reply = histogram_reply(
@@ -369,11 +377,12 @@ def _check_privacy_release(context: Context, instr: RoundInstructions, sampled: 
 
 
 def _check_ledger(cfg: NodeConfig, context: Context, instr: RoundInstructions, sites: int,
-                  *, record: bool) -> str | None:
-    """The ledger's objection to releasing `instr` summed over `sites` sites, if any; with
-    `record`, the release is written down before the vector leaves."""
+                  *, record: bool):
+    """The ledger's objection to releasing `instr` summed over `sites` sites, if any, and the
+    release as the ledger holds it (None without a ledger); with `record`, the release is
+    written down before the vector leaves."""
     if cfg.ledger is None:
-        return None
+        return None, None
     from client.ledger import ReleaseLedger, release_of
 
     ledger = ReleaseLedger(cfg.ledger)
@@ -383,6 +392,39 @@ def _check_ledger(cfg: NodeConfig, context: Context, instr: RoundInstructions, s
                         budget=(privacy.max_epsilon_total, privacy.max_delta))
     if rule is None and record:
         ledger.record(release)
+    return rule, release
+
+
+def unmask_rule(context: Context, cfg: NodeConfig, summed: int) -> str | None:
+    """At UNMASK, with `summed` sites' vectors in the sum (the active list): the rule that
+    forbids handing over this round's shares, or None.
+
+    Why here and not when the vector left: only UNMASK settles who is summed. A coordinator
+    that drops a sampled site there (its vector never collected) shrinks the sum after every
+    check on the sampled count passed. Distributed noise needs its honest sites in the sum
+    (`dp:too-few-sites`); an exact sum must agree in size with every earlier one of the same
+    fold, terms and candidate (`ReleaseLedger.check_sum`), and is written down as a `sum`
+    line before any share leaves.
+    """
+    pending = context.state.config_records.pop(PENDING_SUM, None)
+    if pending is None:
+        return None
+    if str(pending["mode"]) == "distributed" and summed < int(pending["honest_sites"]):
+        return "dp:too-few-sites"
+    if not str(pending["release"]) or cfg.ledger is None:
+        return None
+    import time
+
+    from client.ledger import Release, ReleaseLedger
+
+    release = Release.model_validate_json(str(pending["release"]))
+    if release.rho > 0:
+        return None  # noisy: charged when it left, whoever is summed
+    ledger = ReleaseLedger(cfg.ledger)
+    line = release.model_copy(update={"kind": "sum", "sites": summed, "time": time.time()})
+    rule = ledger.check_sum(line)
+    if rule is None:
+        ledger.record(line)
     return rule
 
 
@@ -433,7 +475,8 @@ def make_client_app(
 
     def guard_policy(context: Context) -> GuardPolicy:
         cfg = node(context)
-        return GuardPolicy(site=_site(context, cfg), min_sites=_min_summed(context, cfg))
+        return GuardPolicy(site=_site(context, cfg), min_sites=_min_summed(context, cfg),
+                           at_unmask=lambda summed: unmask_rule(context, cfg, summed))
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:

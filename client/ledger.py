@@ -6,22 +6,35 @@ although each sum alone hides D. No single round shows that; only a memory acros
 and runs does. Before a site hands its vector to a SecAgg+ round it looks here for an
 earlier release of the same fold, fold seed, terms (parents, method, scoring, histogram)
 and candidate summed over a DIFFERENT number of sites, and refuses (`ledger:would-isolate`);
-it also caps releases per day (`ledger:daily-cap`). Each release is appended as one JSON
-line, flushed and fsynced, so the ledger survives restarts; a line torn by a crash is
-ignored when read (that release was not completed). `fedmerge node ledger` shows it.
+it also caps releases per day (`ledger:daily-cap`). How many sites a sum holds is only settled
+at UNMASK, after the vectors left: a coordinator can sample the same four sites twice and drop
+one of them the second time (its vector never collected, so UNMASK lists it dead). So the
+site writes a second line at UNMASK, a `sum` line with the number of sites whose vectors are
+actually summed, and answers UNMASK only if that number agrees with every earlier release and
+sum of the same fold, terms and candidate (`check_sum`); a sum whose membership is refused
+cannot be unmasked, since the threshold is a strict majority of the sampled sites and the
+survivors all hold this rule. A first sum that lost a site to a real dropout is fine; the
+same candidate summed again over another number of sites is not.
+
+Each release is appended as one JSON line, flushed and fsynced, so the ledger survives
+restarts; a line torn by a crash is ignored when read (that release was not completed).
+`fedmerge node ledger` shows it.
 
 What it does not stop without noise: different candidates on one fold summed over different
 site sets still differ by the dropped site's stay and death counts (every histogram of a fold
-has the same totals). Differential privacy bounds that: a noisy release is not refused for
-its site count but CHARGED here (its noise scale σ, the candidates it released, and their
-zCDP ρ), and a release that would take the site past its total (ε, δ) budget is refused
-(`dp:budget-exhausted`). A patient lies in one fold of each partition (folds, fold seed), so
-the patient charged most is found by trying every choice of one fold per partition and
-composing that choice's releases with dp-accounting's PLDs (`common.dp.accounting.epsilon_of`,
-the same tight accountant a run is calibrated with, so a site whose total cap equals its
-per-run cap accepts exactly one such run). With more than 64 such choices, the zCDP bound of
-the largest fold per partition stands in (looser, never smaller than the truth).
-"""
+has the same totals); and a coordinator that sums the same candidate over different sets of the
+SAME size (four of five sites, five times, each time leaving out another) can solve for every
+site's histogram. Sites do not know one another (the coordinator names them), so no site can
+tell two sets of equal size apart. Differential privacy bounds all of that: a noisy release is
+not refused for its site count but CHARGED here (its noise scale σ, the candidates it released,
+and their zCDP ρ), and a release that would take the site past its total (ε, δ) budget is
+refused (`dp:budget-exhausted`). A patient lies in one fold of each partition (folds, fold
+seed), so the patient charged most is found by trying every choice of one fold per partition
+and composing that choice's releases with dp-accounting's PLDs
+(`common.dp.accounting.epsilon_of`, the same tight accountant a run is calibrated with, so a
+site whose total cap equals its per-run cap accepts exactly one such run). With more than 64
+such choices, the zCDP bound of the largest fold per partition stands in (looser, never smaller
+than the truth)."""
 
 from __future__ import annotations
 
@@ -33,6 +46,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -63,6 +77,9 @@ class Release(BaseModel):
     # Lines written before these existed: σ follows from ρ (ρ = candidates / 2σ²), τ was ~0.
     sigma: float = 0.0
     tau: float = 0.0
+    # "release": this site's vector left in a SecAgg+ round (`sites`: the sites sampled);
+    # "sum": that round's UNMASK, `sites` the sites whose vectors are summed (no new charge).
+    kind: Literal["release", "sum"] = "release"
 
     def charges(self):
         """This release as the accountant composes it (None for an exact sum)."""
@@ -151,7 +168,7 @@ class ReleaseLedger:
               budget: tuple[float, float] | None = None) -> str | None:
         """The rule this release would break, or None. `budget`: (max total ε, δ)."""
         earlier = self.entries()
-        today = [e for e in earlier if e.time > release.time - DAY_S]
+        today = [e for e in earlier if e.kind == "release" and e.time > release.time - DAY_S]
         if len(today) >= max_per_day:
             return "ledger:daily-cap"
         if release.rho > 0:
@@ -159,13 +176,18 @@ class ReleaseLedger:
                                                   budget):
                 return "dp:budget-exhausted"
             return None  # charged, not refused for its site count
-        mine = set(release.candidates)
-        for e in earlier:
-            same = (e.fold, e.folds, e.fold_seed, e.terms) == (
-                release.fold, release.folds, release.fold_seed, release.terms)
-            if same and e.sites != release.sites and mine & set(e.candidates):
-                return "ledger:would-isolate"
-        return None
+        return _isolating(release, earlier)
+
+    def check_sum(self, summed: Release) -> str | None:
+        """At UNMASK: the rule a sum over `summed.sites` sites breaks, or None. Compared with
+        every earlier release and sum of the same fold, terms and candidate except this
+        round's own release line (which counted the sites sampled, not those summed)."""
+        if summed.rho > 0:
+            return None  # a noisy release is charged when it leaves, whoever is summed
+        earlier = [e for e in self.entries()
+                   if not (e.kind == "release" and (e.run, e.round, e.stage, e.fold)
+                           == (summed.run, summed.round, summed.stage, summed.fold))]
+        return _isolating(summed, earlier)
 
     def charge_would_exceed(self, run_charges, budget: tuple[float, float]) -> bool:
         """Whether a whole run (its `Gaussians`, every release of one fold) would take the
@@ -187,6 +209,18 @@ class ReleaseLedger:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _isolating(release: Release, earlier: list[Release]) -> str | None:
+    """`ledger:would-isolate` when an earlier line has the same fold, terms and a candidate in
+    common but another number of sites: the two sums would differ by whole sites."""
+    mine = set(release.candidates)
+    for e in earlier:
+        same = (e.fold, e.folds, e.fold_seed, e.terms) == (
+            release.fold, release.folds, release.fold_seed, release.terms)
+        if same and e.sites != release.sites and mine & set(e.candidates):
+            return "ledger:would-isolate"
+    return None
 
 
 def _by_partition(entries: list[Release]) -> list[list[list]]:

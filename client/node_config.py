@@ -70,7 +70,7 @@ class SitePolicy(BaseModel):
     fold_seed: int = 0
     score_folds: tuple[int, ...] = (0, 1)
     # None: the federation's default for the announced privacy mode (32 reference bins exact,
-    # 16 with noise); either way one spec per mode, no other spec the coordinator names.
+    # 8 with noise); either way one spec per mode, no other spec the coordinator names.
     histogram: HistogramSpec | None = None
     privacy: PrivacyPolicy = PrivacyPolicy()
     # Prompt templates this site scores: None is the paper's wording.

@@ -330,9 +330,10 @@ def _ledger_summary(path: Path, per_day: int, delta: float) -> dict:
         "epsilon_spent": epsilon_spent(entries, delta),
         "delta": delta,
         "path": str(path),
-        "releases": len(entries),
+        "releases": sum(1 for e in entries if e.kind == "release"),
+        "sums": sum(1 for e in entries if e.kind == "sum"),  # sizes written at UNMASK
         "runs": len({e.run for e in entries}),
-        "last_24h": sum(1 for e in entries if now - e.time < DAY_S),
+        "last_24h": sum(1 for e in entries if e.kind == "release" and now - e.time < DAY_S),
         "max_per_day": per_day,
         "last": max((e.time for e in entries), default=None),
     }

@@ -19,7 +19,9 @@ unmasking, so the next round starts clean. Checks per stage:
 - share_keys / collect: this site among the key holders, at least the threshold of them,
   no source it did not exchange keys with;
 - unmask: no site both active and dead, this site not dead, at least `max(min_sites,
-  threshold)` active, only sites that exchanged keys with this one; shares are released once.
+  threshold)` active, only sites that exchanged keys with this one, and the site's own rule
+  on the number summed (`GuardPolicy.at_unmask`: distributed noise's honest sites, the
+  ledger's sum sizes); shares are released once.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class GuardPolicy:
 
     site: str
     min_sites: int
+    # The site's own rule at UNMASK, given how many sites' vectors the sum holds (the active
+    # list): a rule code to refuse with, or None (`client.client_app.unmask_rule`).
+    at_unmask: Callable[[int], str | None] | None = None
 
     def min_threshold(self, sampled: int) -> int:
         return max(sampled // 2 + 1, self.min_sites)
@@ -151,6 +156,10 @@ def checked_secaggplus_mod(policy_of: Callable[[Context], GuardPolicy]):
             return refusal(msg, policy.site, "secagg:stale-round")
         try:
             _check_stage(stage, cfg, state, policy, group, guard)
+            if stage == Stage.UNMASK and policy.at_unmask is not None:
+                rule = policy.at_unmask(len(list(cfg.get(Key.ACTIVE_NODE_ID_LIST) or [])))
+                if rule is not None:
+                    raise SecAggRefused(rule)
             if stage == Stage.SETUP:
                 reset(context)
                 context.state.config_records[GUARD_RECORD] = ConfigRecord({"group": group})

@@ -171,7 +171,7 @@ class TuningRecipe(BaseModel):
     @property
     def histogram_spec(self) -> HistogramSpec:
         """The bins the run releases: the recipe's, else 32 reference bins for exact sums and
-        16 with noise (`common.metrics.default_histogram`)."""
+        8 with noise (`common.metrics.default_histogram`)."""
         return self.histogram or default_histogram(self.privacy.mode != "off")
 
     def fingerprint(self) -> str:

@@ -223,7 +223,8 @@ def test_balanced_bins_are_the_class_balanced_quantiles_of_the_reference():
     assert (edges > np.median(r)).sum() >= (pooled > np.median(r)).sum() + bins // 8 + 1
 
 
-def test_balanced_bins_cut_the_noise_the_auroc_carries():
+@pytest.mark.parametrize("bins", [8, 16])
+def test_balanced_bins_cut_the_noise_the_auroc_carries(bins):
     """Why noisy runs use them: the same noise per count moves the AUROC less when the bins
     sit where positives are (the delta-method sd `noisy_metrics` reports, deterministic)."""
     from common.metrics import noisy_metrics
@@ -237,7 +238,7 @@ def test_balanced_bins_cut_the_noise_the_auroc_carries():
     (rx, ry), (x, y) = cohort(384), cohort(5000)
     sd = {}
     for placement in ("reference", "balanced"):
-        spec = HistogramSpec(bins=16, placement=placement)
+        spec = HistogramSpec(bins=bins, placement=placement)
         counts = score_histograms(x, y, spec, spec.reference_edges(rx, ry))
         sd[placement] = noisy_metrics(*counts, noise_variance=100.0).noise_sd
     assert sd["balanced"] < 0.92 * sd["reference"]

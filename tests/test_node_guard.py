@@ -262,11 +262,14 @@ def _four_sites(tiny_parents, ledgers, privacy="off", **extra):
     return configs
 
 
-def _one_run(tiny_parents, configs, recipe, nodes):
-    """A whole honest-looking run over `nodes`: announce, score, sum; the summed histograms."""
+def _one_run(tiny_parents, configs, recipe, nodes, tamper=None, grids=None):
+    """A whole honest-looking run over `nodes`: announce, score, sum; the summed histograms.
+    `tamper` rewrites what nodes receive; the grid is appended to `grids` when given."""
     from server.secagg import secure_round
 
-    grid = _grid(tiny_parents, configs={n: configs[n] for n in nodes})
+    grid = _grid(tiny_parents, tamper=tamper, configs={n: configs[n] for n in nodes})
+    if grids is not None:
+        grids.append(grid)
     announce(grid, recipe, nodes)
     instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75],
                                       sites=len(nodes))
@@ -315,7 +318,108 @@ def test_differencing_two_runs_isolates_a_site_only_without_the_ledger(tiny_pare
 
     for i in range(3):
         entries = ReleaseLedger(tmp_path / f"site-{i}.jsonl").entries()
-        assert [e.sites for e in entries] == [4]
+        assert [(e.kind, e.sites) for e in entries] == [("release", 4), ("sum", 4)]
+
+
+def _never_collect(victim: int):
+    """A coordinator that breaks `victim`'s masked-vector request: the victim refuses it, so
+    its vector is never collected and UNMASK lists it dead."""
+    from flwr.common.secure_aggregation.secaggplus_constants import (
+        RECORD_KEY_CONFIGS,
+        Key,
+        Stage,
+    )
+
+    def tamper(msg: Message) -> Message:
+        cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if (msg.metadata.dst_node_id == victim and cfg is not None
+                and cfg.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS):
+            cfg[Key.STAGE] = Stage.UNMASK
+        return msg
+
+    return tamper
+
+
+@pytest.mark.parametrize("with_ledger", [False, True], ids=["no-ledger", "ledger"])
+def test_a_site_dropped_before_unmask_is_not_isolated(tiny_parents, tmp_path, with_ledger):
+    """Both runs SAMPLE {A, B, C, D} with the same fold and candidates, so every check on the
+    sampled count passes; in run 2 the coordinator never collects D's vector, UNMASK lists D
+    dead and the sum holds A, B and C: the difference is D's histograms. With their ledgers,
+    A, B and C compare the size of the sum itself at UNMASK and keep their shares."""
+    import numpy as np
+
+    from common.errors import RunStopped
+
+    a, b = tiny_parents
+    recipe = TuningRecipe(
+        parent_a=str(a), parent_b=str(b), method="linear", scoring={"max_patient_tokens": 64},
+        histogram={"bins": 16, "lo": -4.0, "hi": 4.0}, privacy={"mode": "off"},
+    ).with_fingerprints()
+    configs = _four_sites(tiny_parents, tmp_path if with_ledger else None)
+    nodes = [101, 102, 103, 104]
+    first, _ = _one_run(tiny_parents, configs, recipe, nodes)
+    grids: list = []
+    if not with_ledger:
+        second, _ = _one_run(tiny_parents, configs, recipe, nodes, _never_collect(104), grids)
+        assert _codes(grids[0]) == {104: "secagg:stage-out-of-order"}
+        from client.node_config import parse_node_config
+        from client.task import score_one
+
+        instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75],
+                                          sites=4)
+        d = [score_one(parse_node_config(configs[104]), instr, i) for i in range(2)]
+        for c in range(2):
+            for k in range(2):
+                np.testing.assert_array_equal(first[c][k] - second[c][k], d[c][k])
+        return
+    with pytest.raises(RunStopped, match="secure aggregation halted"):
+        _one_run(tiny_parents, configs, recipe, nodes, _never_collect(104), grids)
+    assert _codes(grids[0]) == {101: "ledger:would-isolate", 102: "ledger:would-isolate",
+                                103: "ledger:would-isolate", 104: "secagg:stage-out-of-order"}
+    from client.ledger import ReleaseLedger
+
+    for i in range(3):  # run 2's vector left (four sampled), its sum was never answered
+        entries = ReleaseLedger(tmp_path / f"site-{i}.jsonl").entries()
+        assert [(e.run, e.kind, e.sites) for e in entries] == [
+            (1, "release", 4), (1, "sum", 4), (1, "release", 4)]
+
+
+def test_a_first_sum_that_lost_a_site_is_answered_and_written_down(tiny_parents, tmp_path):
+    """A real dropout is not an attack: the first sum of a fold and candidate may hold fewer
+    sites than were sampled; the ledger writes down the size that was summed."""
+    a, b = tiny_parents
+    recipe = TuningRecipe(
+        parent_a=str(a), parent_b=str(b), method="linear", scoring={"max_patient_tokens": 64},
+        histogram={"bins": 16, "lo": -4.0, "hi": 4.0}, privacy={"mode": "off"},
+    ).with_fingerprints()
+    configs = _four_sites(tiny_parents, tmp_path)
+    summed, _ = _one_run(tiny_parents, configs, recipe, [101, 102, 103, 104],
+                         _never_collect(104))
+    assert summed is not None
+    from client.ledger import ReleaseLedger
+
+    for i in range(3):
+        entries = ReleaseLedger(tmp_path / f"site-{i}.jsonl").entries()
+        assert [(e.kind, e.sites) for e in entries] == [("release", 4), ("sum", 3)]
+
+
+def test_distributed_noise_is_not_unmasked_with_fewer_sites_than_it_assumed_honest(
+        tiny_parents):
+    """The UNMASK rule for noise: a sum of fewer sites than the honest quorum the noise was
+    split over carries too little of it (`dp:too-few-sites`); exact sums have no such rule."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from client.client_app import PENDING_SUM, unmask_rule
+    from client.node_config import parse_node_config
+
+    cfg = parse_node_config(_four_sites(tiny_parents, None)[101])
+    for mode, summed, want in (("distributed", 2, "dp:too-few-sites"),
+                               ("distributed", 3, None), ("off", 2, None)):
+        ctx = Context(run_id=1, node_id=101, node_config={}, state=RecordDict(), run_config={})
+        ctx.state.config_records[PENDING_SUM] = ConfigRecord(
+            {"release": "", "mode": mode, "honest_sites": 3})
+        assert unmask_rule(ctx, cfg, summed) == want
+        assert PENDING_SUM not in ctx.state.config_records  # one answer per round
 
 
 def test_the_ledger_survives_a_torn_line_and_caps_releases_per_day(tmp_path):
@@ -438,6 +542,19 @@ def test_a_coordinator_cannot_shrink_the_noise_by_claiming_honest_sites(tiny_par
     accepted, _ = announce(grid, recipe, NODES)
     assert not accepted
     assert set(_codes(grid).values()) == {"dp:honest-sites-above-policy"}
+    _still_serves(grid, recipe)
+
+
+@pytest.mark.adversarial
+@pytest.mark.parametrize("edit", [{"epsilon": 16.0}, {"delta": 1e-4}], ids=["epsilon", "delta"])
+def test_a_coordinator_cannot_spend_more_than_the_site_allows_per_run(tiny_parents, recipe,
+                                                                      edit):
+    """Less noise by asking for a larger ε (or δ) than the site's per-run cap (8, 1e-6 by
+    default): refused at the announcement, before anything is scored."""
+    grid = _grid(tiny_parents, tamper=_edit_request(None, lambda d: d["privacy"].update(edit)))
+    accepted, _ = announce(grid, recipe, NODES)
+    assert not accepted
+    assert set(_codes(grid).values()) == {"dp:epsilon-above-policy"}
     _still_serves(grid, recipe)
 
 
