@@ -336,7 +336,8 @@ def handle_round(msg: Message, context: Context, cfg: NodeConfig) -> Message:
     context.state.config_records[SCORED_META]["spent"] = True
     context.state.config_records[PENDING_SUM] = ConfigRecord({
         "release": release.model_dump_json() if release is not None else "",
-        "mode": instr.privacy.mode, "honest_sites": int(instr.privacy.honest_sites)})
+        "mode": instr.privacy.mode, "honest_sites": int(instr.privacy.honest_sites),
+        "group": str(msg.metadata.group_id)})
     from client.task import noisy_release
 
     reply = histogram_reply(
@@ -395,9 +396,9 @@ def _check_ledger(cfg: NodeConfig, context: Context, instr: RoundInstructions, s
     return rule, release
 
 
-def unmask_rule(context: Context, cfg: NodeConfig, summed: int) -> str | None:
-    """At UNMASK, with `summed` sites' vectors in the sum (the active list): the rule that
-    forbids handing over this round's shares, or None.
+def unmask_rule(context: Context, cfg: NodeConfig, summed: int, group: str) -> str | None:
+    """At UNMASK of round `group`, with `summed` sites' vectors in the sum (the active list):
+    the rule that forbids handing over this round's shares, or None.
 
     Why here and not when the vector left: only UNMASK settles who is summed. A coordinator
     that drops a sampled site there (its vector never collected) shrinks the sum after every
@@ -406,9 +407,10 @@ def unmask_rule(context: Context, cfg: NodeConfig, summed: int) -> str | None:
     fold, terms and candidate (`ReleaseLedger.check_sum`), and is written down as a `sum`
     line before any share leaves.
     """
-    pending = context.state.config_records.pop(PENDING_SUM, None)
-    if pending is None:
-        return None
+    pending = context.state.config_records.get(PENDING_SUM)
+    if pending is None or str(pending["group"]) != group:
+        return None  # no vector of this site in this round's sum (the guard checks the rest)
+    context.state.config_records.pop(PENDING_SUM)
     if str(pending["mode"]) == "distributed" and summed < int(pending["honest_sites"]):
         return "dp:too-few-sites"
     if not str(pending["release"]) or cfg.ledger is None:
@@ -476,7 +478,8 @@ def make_client_app(
     def guard_policy(context: Context) -> GuardPolicy:
         cfg = node(context)
         return GuardPolicy(site=_site(context, cfg), min_sites=_min_summed(context, cfg),
-                           at_unmask=lambda summed: unmask_rule(context, cfg, summed))
+                           at_unmask=lambda summed, group: unmask_rule(context, cfg, summed,
+                                                                       group))
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:

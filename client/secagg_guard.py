@@ -47,8 +47,9 @@ class GuardPolicy:
     site: str
     min_sites: int
     # The site's own rule at UNMASK, given how many sites' vectors the sum holds (the active
-    # list): a rule code to refuse with, or None (`client.client_app.unmask_rule`).
-    at_unmask: Callable[[int], str | None] | None = None
+    # list) and the round (group id): a rule code to refuse with, or None
+    # (`client.client_app.unmask_rule`).
+    at_unmask: Callable[[int, str], str | None] | None = None
 
     def min_threshold(self, sampled: int) -> int:
         return max(sampled // 2 + 1, self.min_sites)
@@ -157,7 +158,7 @@ def checked_secaggplus_mod(policy_of: Callable[[Context], GuardPolicy]):
         try:
             _check_stage(stage, cfg, state, policy, group, guard)
             if stage == Stage.UNMASK and policy.at_unmask is not None:
-                rule = policy.at_unmask(len(list(cfg.get(Key.ACTIVE_NODE_ID_LIST) or [])))
+                rule = policy.at_unmask(len(list(cfg.get(Key.ACTIVE_NODE_ID_LIST) or [])), group)
                 if rule is not None:
                     raise SecAggRefused(rule)
             if stage == Stage.SETUP:

@@ -226,7 +226,8 @@ def test_every_refusal_code_is_documented():
     source = "".join(
         p.read_text() for folder in ("client", "server") for p in (root / folder).glob("*.py")
     )
-    used = set(re.findall(r'"((?:policy|round|site|score|request|secagg):[a-z-]+)"', source))
+    used = set(re.findall(r'"((?:policy|round|site|score|request|secagg|dp|ledger):[a-z-]+)"',
+                          source))
     assert used and used <= set(REFUSAL_CODES), used - set(REFUSAL_CODES)
 
 
@@ -417,8 +418,9 @@ def test_distributed_noise_is_not_unmasked_with_fewer_sites_than_it_assumed_hone
                                ("distributed", 3, None), ("off", 2, None)):
         ctx = Context(run_id=1, node_id=101, node_config={}, state=RecordDict(), run_config={})
         ctx.state.config_records[PENDING_SUM] = ConfigRecord(
-            {"release": "", "mode": mode, "honest_sites": 3})
-        assert unmask_rule(ctx, cfg, summed) == want
+            {"release": "", "mode": mode, "honest_sites": 3, "group": "4"})
+        assert unmask_rule(ctx, cfg, summed, "5") is None  # another round's release: not ours
+        assert unmask_rule(ctx, cfg, summed, "4") == want
         assert PENDING_SUM not in ctx.state.config_records  # one answer per round
 
 

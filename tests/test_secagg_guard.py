@@ -148,6 +148,35 @@ def test_a_guarded_site_never_releases_both_shares(tiny_parents, recipe, split, 
         assert reasons == {"secagg:threshold-below-policy"}
 
 
+@pytest.mark.adversarial
+@pytest.mark.parametrize("guarded", [False, True], ids=["flower-mod", "guarded"])
+def test_split_unmask_lists_read_a_site_only_below_a_strict_majority(guarded):
+    """The split-lists attack where it can work: five sites, a threshold of 2. Two of the four
+    other sites are told the target is active (each returns a share of its mask seed), two
+    that it is dead (a share of its pairwise key); each half reaches the threshold, and
+    against Flower's mod the coordinator rebuilds the target exactly. The guard refuses any
+    threshold below a strict majority at SETUP, so no two disjoint halves can both reach it
+    (with three sites at a threshold of 3, as above, the halves could not reach it anyway)."""
+    from flwr.client.mod import secaggplus_mod
+    from secagg_support import SITE_GUARD
+
+    rng = np.random.default_rng(5)
+    hists = [random_hists(rng, 2, 40) for _ in range(5)]
+    apps = {200 + i: fixed_site_app(h, mod=SITE_GUARD if guarded else secaggplus_mod)
+            for i, h in enumerate(hists)}
+    grid = CoordinatorGrid(LoopbackGrid(apps))
+    nodes = sorted(apps)
+    recovered, shares = run_attack(grid, nodes, fixed_instructions(2), target=nodes[0],
+                                   split=True, threshold=2)
+    if not guarded:
+        assert shares == (2, 2)
+        np.testing.assert_array_equal(recovered, encode_histograms(hists[0], BINS))
+        return
+    assert recovered is None and shares == (0, 0)
+    assert {Refusal.from_reason(m.error.reason).reason
+            for m in grid.received if m.has_error()} == {"secagg:threshold-below-policy"}
+
+
 def _tamper_unmask(target: int, edit):
     def tamper(msg: Message) -> Message:
         cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
