@@ -81,7 +81,8 @@ def ledger_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"release ledger {cfg.ledger} ({len(entries)} releases)")
+    releases = sum(1 for e in entries if e.kind == "release")
+    table = Table(title=f"release ledger {cfg.ledger} ({releases} releases)")
     for col in ("time (UTC)", "run", "round", "stage", "fold", "seed", "sites", "candidates",
                 "zCDP ρ", "terms"):
         table.add_column(col)

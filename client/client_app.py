@@ -336,7 +336,6 @@ def handle_round(msg: Message, context: Context, cfg: NodeConfig) -> Message:
     context.state.config_records[SCORED_META]["spent"] = True
     context.state.config_records[PENDING_SUM] = ConfigRecord({
         "release": release.model_dump_json() if release is not None else "",
-        "mode": instr.privacy.mode, "honest_sites": int(instr.privacy.honest_sites),
         "group": str(msg.metadata.group_id)})
     from client.task import noisy_release
 
@@ -400,19 +399,21 @@ def unmask_rule(context: Context, cfg: NodeConfig, summed: int, group: str) -> s
     """At UNMASK of round `group`, with `summed` sites' vectors in the sum (the active list):
     the rule that forbids handing over this round's shares, or None.
 
-    Why here and not when the vector left: only UNMASK settles who is summed. A coordinator
-    that drops a sampled site there (its vector never collected) shrinks the sum after every
-    check on the sampled count passed. Distributed noise needs its honest sites in the sum
-    (`dp:too-few-sites`); an exact sum must agree in size with every earlier one of the same
-    fold, terms and candidate (`ReleaseLedger.check_sum`), and is written down as a `sum`
-    line before any share leaves.
+    Why here and not when the vector left: only UNMASK settles who is summed, as far as
+    this site can see. A coordinator that drops a sampled site there (its vector never
+    collected) shrinks the sum after every check on the sampled count passed. An exact sum
+    must agree in size with every earlier one of the same fold, terms and candidate
+    (`ReleaseLedger.check_sum`), and is written down as a `sum` line before any share leaves
+    (if the round then fails, the line stays: it can only make later sums stricter). The
+    size is the one the coordinator shows THIS site: sites do not see one another's rosters
+    (see `client.ledger`). Distributed noise needs no rule here: the guard's `min_sites` is
+    already raised to the run's honest sites (`_min_summed`), so a smaller active list is
+    refused as `secagg:unmask-too-few-active`.
     """
     pending = context.state.config_records.get(PENDING_SUM)
     if pending is None or str(pending["group"]) != group:
         return None  # no vector of this site in this round's sum (the guard checks the rest)
     context.state.config_records.pop(PENDING_SUM)
-    if str(pending["mode"]) == "distributed" and summed < int(pending["honest_sites"]):
-        return "dp:too-few-sites"
     if not str(pending["release"]) or cfg.ledger is None:
         return None
     import time
@@ -424,9 +425,13 @@ def unmask_rule(context: Context, cfg: NodeConfig, summed: int, group: str) -> s
         return None  # noisy: charged when it left, whoever is summed
     ledger = ReleaseLedger(cfg.ledger)
     line = release.model_copy(update={"kind": "sum", "sites": summed, "time": time.time()})
-    rule = ledger.check_sum(line)
-    if rule is None:
-        ledger.record(line)
+    try:
+        rule = ledger.check_sum(line)
+        if rule is None:
+            ledger.record(line)
+    except (FedmergeError, OSError):  # an unreadable or unwritable ledger: nothing is answered
+        log.exception("UNMASK of round %s: the release ledger failed", group)
+        return "site:handler-failed"
     return rule
 
 

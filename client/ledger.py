@@ -1,20 +1,26 @@
 """The site's release ledger: every sum this site took part in, kept by the site itself.
 
-Why: a coordinator may keep everything and re-run. Summing the same fold of the same merge
-once over {A, B, C, D} and again over {A, B, C} gives D's histogram by difference, exactly,
-although each sum alone hides D. No single round shows that; only a memory across rounds
-and runs does. Before a site hands its vector to a SecAgg+ round it looks here for an
-earlier release of the same fold, fold seed, terms (parents, method, scoring, histogram)
-and candidate summed over a DIFFERENT number of sites, and refuses (`ledger:would-isolate`);
-it also caps releases per day (`ledger:daily-cap`). How many sites a sum holds is only settled
-at UNMASK, after the vectors left: a coordinator can sample the same four sites twice and drop
-one of them the second time (its vector never collected, so UNMASK lists it dead). So the
-site writes a second line at UNMASK, a `sum` line with the number of sites whose vectors are
-actually summed, and answers UNMASK only if that number agrees with every earlier release and
-sum of the same fold, terms and candidate (`check_sum`); a sum whose membership is refused
-cannot be unmasked, since the threshold is a strict majority of the sampled sites and the
-survivors all hold this rule. A first sum that lost a site to a real dropout is fine; the
-same candidate summed again over another number of sites is not.
+Why: a coordinator may keep everything and re-run. Summing the same fold of the same merge once
+over {A, B, C, D} and again over {A, B, C} gives D's histogram by difference, exactly, although
+each sum alone hides D. No single round shows that; only a memory across rounds and runs does.
+Before a site hands its vector to a SecAgg+ round it looks here for an earlier release of the
+same fold, fold seed, terms (parents, method, scoring, histogram) and candidate summed over a
+DIFFERENT number of sites, and refuses (`ledger:would-isolate`); it also caps releases per day
+(`ledger:daily-cap`). How many sites a sum holds is only settled at UNMASK, after the vectors
+left: a coordinator can sample the same four sites twice and drop one of them the second time
+(its vector never collected, so UNMASK lists it dead). So the site writes a second line at
+UNMASK, a `sum` line with the number of sites in the active list, and answers UNMASK only if
+that number agrees with every earlier release and sum of the same fold, terms and candidate
+(`check_sum`); with the threshold a strict majority of the sampled sites, a sum the survivors
+refuse cannot be unmasked. A first sum that lost a site to a real dropout is answered; after
+it, that candidate on that fold is refused for good (its release line says four, its sum line
+three).
+
+These counts are what the coordinator shows THIS site. Sites do not see one another's view of a
+round, so a coordinator that tells each of four sites "three sites" and arranges their shares
+in a ring (A-B, B-C, C-D, D-A) sums all four while every site sees three; binding the rosters
+would need each site to sign its view of the round and check its neighbours' (SecAgg+ relays
+keys unsigned), which fedmerge does not do.
 
 Each release is appended as one JSON line, flushed and fsynced, so the ledger survives
 restarts; a line torn by a crash is ignored when read (that release was not completed).

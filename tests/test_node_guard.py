@@ -404,24 +404,35 @@ def test_a_first_sum_that_lost_a_site_is_answered_and_written_down(tiny_parents,
         assert [(e.kind, e.sites) for e in entries] == [("release", 4), ("sum", 3)]
 
 
-def test_distributed_noise_is_not_unmasked_with_fewer_sites_than_it_assumed_honest(
-        tiny_parents):
-    """The UNMASK rule for noise: a sum of fewer sites than the honest quorum the noise was
-    split over carries too little of it (`dp:too-few-sites`); exact sums have no such rule."""
+def test_the_unmask_rule_answers_only_for_this_rounds_own_release(tiny_parents, tmp_path):
+    """The check at UNMASK reads the release this site made in THAT round (its group id):
+    a stale one from an earlier round is neither checked nor written down again."""
     from flwr.app import ConfigRecord, Context, RecordDict
 
     from client.client_app import PENDING_SUM, unmask_rule
+    from client.ledger import Release, ReleaseLedger
     from client.node_config import parse_node_config
 
-    cfg = parse_node_config(_four_sites(tiny_parents, None)[101])
-    for mode, summed, want in (("distributed", 2, "dp:too-few-sites"),
-                               ("distributed", 3, None), ("off", 2, None)):
-        ctx = Context(run_id=1, node_id=101, node_config={}, state=RecordDict(), run_config={})
-        ctx.state.config_records[PENDING_SUM] = ConfigRecord(
-            {"release": "", "mode": mode, "honest_sites": 3, "group": "4"})
-        assert unmask_rule(ctx, cfg, summed, "5") is None  # another round's release: not ours
-        assert unmask_rule(ctx, cfg, summed, "4") == want
-        assert PENDING_SUM not in ctx.state.config_records  # one answer per round
+    cfg = parse_node_config(_four_sites(tiny_parents, tmp_path)[101])
+    first = Release(time=1.0, run=1, round=1, stage="tune", fold=0, folds=2, fold_seed=0,
+                    terms="t", candidates=("[0.5]",), sites=4)
+    ledger = ReleaseLedger(cfg.ledger)
+    ledger.record(first)
+    ledger.record(first.model_copy(update={"kind": "sum"}))
+    again = first.model_copy(update={"run": 2, "time": 2.0})
+    ledger.record(again)
+    ctx = Context(run_id=2, node_id=101, node_config={}, state=RecordDict(), run_config={})
+    ctx.state.config_records[PENDING_SUM] = ConfigRecord(
+        {"release": again.model_dump_json(), "group": "4"})
+    assert unmask_rule(ctx, cfg, 3, "5") is None  # another round: not this site's release
+    assert PENDING_SUM in ctx.state.config_records
+    assert unmask_rule(ctx, cfg, 3, "4") == "ledger:would-isolate"  # run 1 summed 4
+    assert PENDING_SUM not in ctx.state.config_records  # one answer per round
+    assert [e.kind for e in ledger.entries()] == ["release", "sum", "release"]
+    ctx.state.config_records[PENDING_SUM] = ConfigRecord(
+        {"release": again.model_dump_json(), "group": "6"})
+    assert unmask_rule(ctx, cfg, 4, "6") is None  # the same size: answered, written down
+    assert [(e.run, e.kind, e.sites) for e in ledger.entries()][-1] == (2, "sum", 4)
 
 
 def test_the_ledger_survives_a_torn_line_and_caps_releases_per_day(tmp_path):
