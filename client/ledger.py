@@ -17,10 +17,14 @@ it, that candidate on that fold is refused for good (its release line says four,
 three).
 
 These counts are what the coordinator shows THIS site. Sites do not see one another's view of a
-round, so a coordinator that tells each of four sites "three sites" and arranges their shares
-in a ring (A-B, B-C, C-D, D-A) sums all four while every site sees three; binding the rosters
-would need each site to sign its view of the round and check its neighbours' (SecAgg+ relays
-keys unsigned), which fedmerge does not do.
+round, so a coordinator that forges views gets past them: it can tell each of four sites "three
+sites" and arrange their shares in a ring (A-B, B-C, C-D, D-A), or collect all four vectors and
+tell each site a different "three active" at UNMASK (A: A, B, C; B: B, C, D; C: C, D, A; D: D,
+A, B), which still yields three mask-seed shares of every site, so the sum of all four is
+unmasked while every site answered "three". Binding the views would take sites checking one
+another's view of a round, which SecAgg+ (keys relayed unsigned, no site-to-site channel at
+UNMASK) does not give. Without noise the ledger stops a coordinator that keeps SecAgg+'s lists
+consistent, not one that forges them; noise bounds both.
 
 Each release is appended as one JSON line, flushed and fsynced, so the ledger survives
 restarts; a line torn by a crash is ignored when read (that release was not completed).
