@@ -10,6 +10,7 @@ with a fixed code before releasing anything, and the node keeps serving afterwar
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -510,6 +511,11 @@ def test_with_noise_the_difference_is_noise_and_the_ledger_charges_the_budget(ti
     diff = np.concatenate([first[c][k] - second[c][k] for c in range(2) for k in range(2)])
     exact = np.concatenate([d[c][k] for c in range(2) for k in range(2)])
     assert not np.array_equal(diff, exact)
+    # And not merely off somewhere: the error has the spread of the noise both sums carry
+    # (run 1: four sites' shares for 3 honest of 4; run 2: three sites' for 2 of 3), over
+    # the 64 counts (2 candidates × 2 classes × 16 bins).
+    sd = math.sqrt(4 * cal.sigma_site**2 + 3 * calibrate(recipe.privacy_terms(3)).sigma_site**2)
+    assert 0.5 < float(np.std(diff - exact)) / sd < 2.0
     # Each of A, B, C was charged twice: two releases of 2 candidates, ρ each = 2 ρ_release.
     for i in range(3):
         ledger = ReleaseLedger(tmp_path / f"site-{i}.jsonl")
@@ -593,3 +599,23 @@ def test_a_coordinator_cannot_release_more_than_the_noise_was_calibrated_for(tin
     with pytest.raises(FedmergeError):
         secure_round(grid, ctx, node_ids=NODES, instructions=instr, settings=recipe.secagg)
     assert set(_codes(grid).values()) == {"dp:releases-exhausted"}
+
+
+@pytest.mark.adversarial
+def test_a_round_outside_the_public_merge_family_is_refused(tiny_parents, recipe):
+    """λ outside [0, 1] extrapolates past a parent: a model that neither public parent nor
+    any published merge of them describes. A coordinator that slips one into a round is
+    refused before anything is scored, and the node keeps serving."""
+    def edit(d):
+        if "candidates" in d:
+            d["candidates"] = [0.5, 1.5]
+
+    grid = _grid(tiny_parents, tamper=_edit_request(None, edit))
+    accepted, _ = announce(grid, recipe, NODES)
+    assert sorted(accepted) == NODES
+    instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.5, 0.7], sites=3)
+    scored = score_round(grid, NODES, instr, timeout_per_candidate=60)
+    assert not scored.ready
+    assert {Refusal.from_reason(r).reason for r in scored.failed.values()} == {
+        "policy:lambda-range"}
+    _still_serves(grid, recipe)
