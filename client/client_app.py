@@ -319,6 +319,8 @@ def handle_round(msg: Message, context: Context, cfg: NodeConfig) -> Message:
     """The SecAgg+ masked-vector stage: hand over the stored histograms, once."""
     site = _site(context, cfg)
     instr = read_instructions(msg)
+    # Group ids (round numbers) repeat across runs: a release of an earlier round that never
+    # reached UNMASK must not stand in for this one, which may be refused below.
     context.state.config_records.pop(PENDING_SUM, None)
     histograms, rule = stored_histograms(context, instr)
     state = context.state.config_records.get(SECAGG_STATE_RECORD)

@@ -191,9 +191,8 @@ class ReleaseLedger:
     def check_sum(self, summed: Release) -> str | None:
         """At UNMASK: the rule a sum over `summed.sites` sites breaks, or None. Compared with
         every earlier release and sum of the same fold, terms and candidate except this
-        round's own release line (which counted the sites sampled, not those summed)."""
-        if summed.rho > 0:
-            return None  # a noisy release is charged when it leaves, whoever is summed
+        round's own release line (which counted the sites sampled, not those summed). For
+        exact sums: a noisy release is charged when it leaves, whoever is summed."""
         earlier = [e for e in self.entries()
                    if not (e.kind == "release" and (e.run, e.round, e.stage, e.fold)
                            == (summed.run, summed.round, summed.stage, summed.fold))]
@@ -247,10 +246,14 @@ def _rho(charges) -> float:
     return sum(c.count / (2 * c.sigma**2) for c in charges)
 
 
+def _worst_rho(partitions: list[list[list]]) -> float:
+    return float(sum(max(_rho(f) for f in p) for p in partitions))
+
+
 def rho_spent(entries: list[Release]) -> float:
     """zCDP ρ spent by the most-charged patient: per partition (folds, seed) the largest
     fold's sum, summed over partitions (the ledger's looser bound, see `epsilon_spent`)."""
-    return float(sum(max(_rho(f) for f in p) for p in _by_partition(entries)))
+    return _worst_rho(_by_partition(entries))
 
 
 MAX_FOLD_CHOICES = 64
@@ -275,7 +278,7 @@ def epsilon_spent(entries: list[Release], delta: float, extra=()) -> float:
         def tau(charges) -> float:
             return sum(c.count * c.tau for c in charges)
 
-        rho = sum(max(_rho(f) for f in p) for p in partitions) + _rho(extra)
+        rho = _worst_rho(partitions) + _rho(extra)
         taus = sum(max(tau(f) for f in p) for p in partitions) + tau(extra)
         return epsilon_of_rho(rho, delta) + taus
     choices = []

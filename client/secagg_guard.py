@@ -20,8 +20,8 @@ unmasking, so the next round starts clean. Checks per stage:
   no source it did not exchange keys with;
 - unmask: no site both active and dead, this site not dead, at least `max(min_sites,
   threshold)` active, only sites that exchanged keys with this one, and the site's own rule
-  on the number summed (`GuardPolicy.at_unmask`: distributed noise's honest sites, the
-  ledger's sum sizes); shares are released once.
+  on the number summed (`GuardPolicy.at_unmask`: the ledger's sum sizes); shares are
+  released once.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ Measured with bench/privacy_accuracy.py (OpenDP's noise, distributed mode, 8 cla
 bins, 100 draws, two runs): on the eICU demo's tuning fold at ε = 8 the curve's mean |AUROC
 error| is 0.016-0.017 ± 0.0006 against 0.023 for the raw points, λ* regret 0.0034-0.0038
 ± 0.0006 (plain argmax 0.0068-0.0085); on a 10,020-stay fold at ε = 1 regret
-0.0035 ± 0.0002. The fit is deterministic
-(fixed optimiser restarts), so anyone re-reading report.json gets the same λ*.
+0.0035 ± 0.0002. The fit is deterministic (fixed optimiser restarts), so anyone re-reading
+report.json gets the same λ*.
 """
 
 from __future__ import annotations

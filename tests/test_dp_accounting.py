@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from dp_accounting import dp_event, pld, rdp
 from scipy.optimize import brentq
@@ -114,6 +115,21 @@ def test_pld_bound_is_the_gaussian_curve_and_below_zcdp(sigma, k, delta):
         rel=1e-2 if sigma >= 2 else 3e-2, abs=2 * k * 1e-3)
 
 
+def discrete_gaussian(scale: float, half_width: int) -> np.ndarray:
+    """N_Z(0, scale²) on [−half_width, half_width], normalised there."""
+    x = np.arange(-half_width, half_width + 1)
+    w = np.exp(-(x**2) / (2 * scale * scale))
+    return w / w.sum()
+
+
+def convolved(law: np.ndarray, times: int) -> np.ndarray:
+    """The law of a sum of `times` independent draws from `law` (centred, odd length)."""
+    total = law
+    for _ in range(times - 1):
+        total = np.convolve(total, law)
+    return total
+
+
 def exact_discrete_delta(sigma: float, k: int, eps: float) -> float:
     """The exact δ(ε) of K releases of a discrete Gaussian of scale σ (sensitivity 1).
 
@@ -121,14 +137,7 @@ def exact_discrete_delta(sigma: float, k: int, eps: float) -> float:
     noise draws on the count that patient moves (the other counts cancel): so δ(ε) =
     E[(1 − e^(ε − L))₊] over the K-fold convolution of N_Z(0, σ²), tails below 1e-300 aside.
     """
-    import numpy as np
-
-    x = np.arange(-int(40 * sigma) - 5, int(40 * sigma) + 6)
-    one = np.exp(-(x**2) / (2 * sigma * sigma))
-    one /= one.sum()
-    law = one
-    for _ in range(k - 1):
-        law = np.convolve(law, one)
+    law = convolved(discrete_gaussian(sigma, int(40 * sigma) + 5), k)
     total = np.arange(law.size) - (law.size - 1) // 2
     loss = (k - 2 * total) / (2 * sigma**2)
     over = loss > eps
@@ -213,17 +222,7 @@ def test_kls_tau_bounds_the_sum_of_discrete_gaussians_pointwise(s, t):
     """The premise of the PLD bound in distributed mode: the exact law of a sum of t discrete
     Gaussians of scale s (convolved here, far tails below 1e-250 left out) is within a factor
     1 ± τ of the discrete Gaussian N_Z(0, t·s²) at every point."""
-    import numpy as np
-
-    def discrete_gaussian(scale, k):
-        x = np.arange(-k, k + 1)
-        w = np.exp(-(x**2) / (2 * scale * scale))
-        return w / w.sum()
-
-    one = discrete_gaussian(s, int(60 * s) + 5)
-    law = one
-    for _ in range(t - 1):
-        law = np.convolve(law, one)
+    law = convolved(discrete_gaussian(s, int(60 * s) + 5), t)
     ideal = discrete_gaussian(s * math.sqrt(t), (law.size - 1) // 2)
     seen = ideal > 1e-250
     ratio = law[seen] / ideal[seen]
@@ -258,14 +257,7 @@ def exact_sum_delta(s: float, t: int, k: int, eps: float) -> float:
     s (distributed mode's t honest shares; sensitivity 1): the law of the sum by convolution,
     each release's privacy loss log P(z)/P(z − 1), the K losses added over every combination
     of draws (mass below 1e-40 per point left out)."""
-    import numpy as np
-
-    x = np.arange(-int(40 * s) - 5, int(40 * s) + 6)
-    one = np.exp(-(x**2) / (2 * s * s))
-    one /= one.sum()
-    law = one
-    for _ in range(t - 1):
-        law = np.convolve(law, one)
+    law = convolved(discrete_gaussian(s, int(40 * s) + 5), t)
     law = law[law > 1e-40]  # symmetric: trims both tails alike
     p = np.concatenate([law, [0.0]])  # P(z), the last point beyond the support
     q = np.concatenate([[0.0], law])  # P(z − 1): the neighbour without the patient

@@ -285,12 +285,25 @@ def _one_run(tiny_parents, configs, recipe, nodes, tamper=None, grids=None):
                         settings=recipe.secagg).histograms, scored
 
 
+def _assert_difference_is_site(first, second, configs, recipe, node: int) -> None:
+    """The two summed runs differ by exactly `node`'s own histograms (candidates 0.25, 0.75)."""
+    import numpy as np
+
+    from client.node_config import parse_node_config
+    from client.task import score_one
+
+    instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75], sites=4)
+    own = [score_one(parse_node_config(configs[node]), instr, i) for i in range(2)]
+    for c in range(2):
+        for k in range(2):
+            np.testing.assert_array_equal(first[c][k] - second[c][k], own[c][k])
+
+
 @pytest.mark.parametrize("with_ledger", [False, True], ids=["no-ledger", "ledger"])
 def test_differencing_two_runs_isolates_a_site_only_without_the_ledger(tiny_parents,
                                                                        tmp_path, with_ledger):
     """Run 1 over {A, B, C, D}, run 2 over {A, B, C} with the same fold and candidates: the
     difference is D's histograms. The ledger makes A, B and C refuse run 2's release."""
-    import numpy as np
 
     a, b = tiny_parents
     recipe = TuningRecipe(
@@ -301,16 +314,7 @@ def test_differencing_two_runs_isolates_a_site_only_without_the_ledger(tiny_pare
     first, _ = _one_run(tiny_parents, configs, recipe, [101, 102, 103, 104])
     second, scored = _one_run(tiny_parents, configs, recipe, [101, 102, 103])
     if not with_ledger:
-        # The attack works: D's own histograms, exactly, from two sums.
-        from client.node_config import parse_node_config
-        from client.task import score_one
-
-        instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75],
-                                          sites=4)
-        d = [score_one(parse_node_config(configs[104]), instr, i) for i in range(2)]
-        for c in range(2):
-            for k in range(2):
-                np.testing.assert_array_equal(first[c][k] - second[c][k], d[c][k])
+        _assert_difference_is_site(first, second, configs, recipe, 104)  # the attack works
         return
     assert second is None
     assert {Refusal.from_reason(r).reason for r in scored.failed.values()} == {
@@ -348,7 +352,6 @@ def test_a_site_dropped_before_unmask_is_not_isolated(tiny_parents, tmp_path, wi
     sampled count passes; in run 2 the coordinator never collects D's vector, UNMASK lists D
     dead and the sum holds A, B and C: the difference is D's histograms. With their ledgers,
     A, B and C compare the size of the sum itself at UNMASK and keep their shares."""
-    import numpy as np
 
     from common.errors import RunStopped
 
@@ -364,15 +367,7 @@ def test_a_site_dropped_before_unmask_is_not_isolated(tiny_parents, tmp_path, wi
     if not with_ledger:
         second, _ = _one_run(tiny_parents, configs, recipe, nodes, _never_collect(104), grids)
         assert _codes(grids[0]) == {104: "secagg:stage-out-of-order"}
-        from client.node_config import parse_node_config
-        from client.task import score_one
-
-        instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75],
-                                          sites=4)
-        d = [score_one(parse_node_config(configs[104]), instr, i) for i in range(2)]
-        for c in range(2):
-            for k in range(2):
-                np.testing.assert_array_equal(first[c][k] - second[c][k], d[c][k])
+        _assert_difference_is_site(first, second, configs, recipe, 104)  # the attack works
         return
     with pytest.raises(RunStopped, match="secure aggregation halted"):
         _one_run(tiny_parents, configs, recipe, nodes, _never_collect(104), grids)
