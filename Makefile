@@ -23,9 +23,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fedmerge simulate --out runs/demo
 
+# The default suite (about 2.5 minutes), then the few long end-to-end tests marked `slow`
+# (real SuperLink and SuperNodes, fault injection, ten sites, flwr run: about 7 minutes).
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

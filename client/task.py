@@ -85,11 +85,15 @@ def check_round(
         return "round:differs-from-announcement"
     if rounds_so_far >= cfg.policy.max_rounds:
         return "policy:max-rounds"
+    # The terms first: a fold the site never accepted (one past the fold count, say) is a
+    # refusal under a rule, not a failure to count it.
+    differs = policy.check_round_terms(accepted, instr)
+    if differs:
+        return differs
     counts = {
         instr.fold: fold_counts(cfg, instr.fold, instr.folds, instr.fold_seed, instr.scoring.hard)
     }
     return policy.first_refusal(
-        policy.check_round_terms(accepted, instr),
         policy.check_sites(cfg.policy, instr.sites),
         policy.check_candidates(cfg.policy, instr.candidates),
         policy.check_parents(own_fingerprints(cfg), instr.parent_fingerprints),

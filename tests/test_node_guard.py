@@ -12,17 +12,20 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Message
 from secagg_support import LoopbackGrid, task_identity  # noqa: F401 (autouse fixture)
 
 from client import client_app as node_app
-from common.protocol import INSTRUCTIONS_KEY, RECORD_NAME, Refusal
+from common.protocol import INSTRUCTIONS_KEY, RECORD_NAME, Refusal, RoundInstructions
 from server.coordinator import announce
 from server.grid import CoordinatorGrid
 from server.recipe import TuningRecipe
 from server.scoring_round import score_round
+from server.secagg import RoundOutcome
 
 pytestmark = pytest.mark.adversarial
 
@@ -614,3 +617,261 @@ def test_a_round_outside_the_public_merge_family_is_refused(tiny_parents, recipe
     assert {Refusal.from_reason(r).reason for r in scored.failed.values()} == {
         "policy:lambda-range"}
     _still_serves(grid, recipe)
+
+
+# A coordinator that deviates to get past a site's minimums (min_cohort, min_sites) and its
+# parent fingerprints. Each rule is first shown to be what the attacker must get past (where
+# an honest coordinator meets it), then the deviation is refused with the rule's code before
+# anything of the site is scored or released.
+
+
+Tamper = Callable[[Message], Message]
+
+
+def _chain(*tampers: Tamper) -> Tamper:
+    """Several rewrites of what the sites receive, applied in order."""
+
+    def tamper(msg: Message) -> Message:
+        for t in tampers:
+            msg = t(msg)
+        return msg
+
+    return tamper
+
+
+def _in_announcement(edit: Callable[[dict], object]) -> Callable[[dict], None]:
+    """An edit of the announcement only (it alone names `score_folds`), not of the rounds."""
+
+    def apply(d: dict) -> None:
+        if "score_folds" in d:
+            edit(d)
+
+    return apply
+
+
+def _secure_sum(grid: CoordinatorGrid, nodes: list[int], instr: RoundInstructions,
+                recipe: TuningRecipe, *, min_sites: int = 3) -> RoundOutcome:
+    """The coordinator's SecAgg+ round over `nodes` (its own min_sites check as it chooses)."""
+    from flwr.app import Context, RecordDict
+
+    from server.secagg import secure_round
+
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    return secure_round(grid, ctx, node_ids=nodes, instructions=instr, settings=recipe.secagg,
+                        min_sites=min_sites)
+
+
+def _released_nothing(grid: CoordinatorGrid, nodes: list[int], instr: RoundInstructions
+                      ) -> None:
+    """No masked vector of `nodes` reached the coordinator; each still holds its scored
+    histograms unspent (so a later honest round could still release them, once)."""
+    from adversary import masked_vector_of
+
+    for node in nodes:
+        assert masked_vector_of(grid, node, str(instr.round)) is None
+        assert node_app.stored_histograms(grid.inner.contexts[node], instr)[1] is None
+
+
+def _fold_size(config: dict[str, object], fold: int, folds: int) -> int:
+    from client.node_cache import fold_counts
+    from client.node_config import parse_node_config
+
+    return fold_counts(parse_node_config(config), fold, folds, 0, False)[0]
+
+
+@pytest.mark.parametrize("attack", ["tiny-folds", "unannounced-fold", "fold-past-the-count"])
+def test_a_fold_under_the_min_cohort_is_never_scored(tiny_parents: tuple[Path, Path],
+                                                     recipe: TuningRecipe, attack: str) -> None:
+    """`tiny-folds`: every site accepts the announcement's 2 folds, then the round restates
+    24 folds and asks fold 0 of them (0 to 2 stays a site, under min_cohort = 5): one
+    patient's histograms at site 101. `unannounced-fold`: site 102 refuses its fold 0 (21
+    stays) at the announcement by min_cohort; the coordinator re-announces to it only its
+    fold 1 (27 stays, accepted), then asks fold 0. The round is held to what was accepted
+    (whose folds were counted against min_cohort): refused before anything is scored.
+    `fold-past-the-count`: fold 7 of 2, which no site can count: refused under the same rule
+    (it answered `site:data-unavailable`, a failure, while the fold was counted first)."""
+    configs = _configs(tiny_parents)
+    if attack == "fold-past-the-count":
+        folds, fold = recipe.folds, recipe.folds + 5
+        grid = _grid(tiny_parents, configs=configs)
+        accepted, _ = announce(grid, recipe, NODES)
+        assert sorted(accepted) == NODES
+        victims = NODES
+    elif attack == "tiny-folds":
+        folds, fold = 24, 0
+        sizes = [_fold_size(configs[n], fold, folds) for n in NODES]
+        assert max(sizes) < 5  # under every site's min_cohort: what the attack would score
+        grid = _grid(tiny_parents, configs=configs)
+        accepted, _ = announce(grid, recipe, NODES)
+        assert sorted(accepted) == NODES
+        victims = NODES
+    else:
+        folds = recipe.folds
+        sizes = [_fold_size(configs[102], f, folds) for f in range(folds)]
+        fold, big = sizes.index(min(sizes)), sizes.index(max(sizes))
+        assert sizes[fold] < sizes[big]
+        configs[102] = {**configs[102], "min-cohort": sizes[big]}
+        grid = _grid(tiny_parents, configs=configs)
+        accepted, _ = announce(grid, recipe, NODES)  # honest: the rule to get past
+        assert sorted(accepted) == [101, 103] and _codes(grid) == {102: "policy:min-cohort"}
+        grid.inner.tamper = _edit_request(102, _in_announcement(
+            lambda d: d.update(score_folds=[big])))
+        accepted, _ = announce(grid, recipe, NODES)
+        assert sorted(accepted) == NODES
+        victims = [102]
+    instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75], sites=3)
+    instr = instr.model_copy(update={"folds": folds, "fold": fold})
+    scored = score_round(grid, NODES, instr, timeout_per_candidate=60)
+    assert scored.ready == [n for n in NODES if n not in victims]
+    assert {n: Refusal.from_reason(r).reason for n, r in scored.failed.items()} == {
+        n: "round:differs-from-announcement" for n in victims}
+    for node in victims:  # nothing scored: no histograms of the small fold exist
+        assert node_app.stored_histograms(grid.inner.contexts[node], instr)[1] == (
+            "round:not-scored")
+
+
+@pytest.mark.parametrize("round_says", [2, 3], ids=["round-says-two", "round-claims-three"])
+def test_two_of_three_announced_sites_are_never_summed(tiny_parents: tuple[Path, Path],
+                                                       recipe: TuningRecipe,
+                                                       round_says: int) -> None:
+    """Three sites accept (min_sites = 3 met); the coordinator then runs the round over two
+    of them, skipping its own min_sites check. Told so (`sites: 2`), both refuse before
+    scoring. Lied to (`sites: 3`, as announced), they cannot see the roster while scoring,
+    so they score, and refuse at SecAgg+ setup, where the sampled count is Flower's own:
+    neither vector leaves."""
+    from common.errors import RunStopped
+
+    grid = _grid(tiny_parents)
+    accepted, _ = announce(grid, recipe, NODES)
+    assert sorted(accepted) == NODES
+    two = [101, 102]
+    instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75],
+                                      sites=round_says, announced_sites=3)
+    scored = score_round(grid, two, instr, timeout_per_candidate=60)
+    if round_says == 2:
+        assert scored.ready == []
+        assert {n: Refusal.from_reason(r).reason for n, r in scored.failed.items()} == {
+            101: "policy:min-sites", 102: "policy:min-sites"}
+        for node in two:
+            assert node_app.stored_histograms(grid.inner.contexts[node], instr)[1] == (
+                "round:not-scored")
+        return
+    assert scored.ready == two
+    with pytest.raises(RunStopped, match="secure aggregation halted"):
+        _secure_sum(grid, two, instr, recipe, min_sites=2)
+    assert _codes(grid) == {101: "secagg:too-few-sites", 102: "secagg:too-few-sites"}
+    _released_nothing(grid, two, instr)
+
+
+@pytest.mark.parametrize("forge_setup", [False, True], ids=["roster-of-four", "setup-of-four"])
+def test_a_roster_larger_than_the_sites_summed_does_not_meet_a_sites_min_sites(
+        tiny_parents: tuple[Path, Path], recipe: TuningRecipe, forge_setup: bool) -> None:
+    """Site 101 demands 4 sites; three exist, so an honest announcement is refused. The
+    coordinator announces (and has every round restate) a roster of four, which passes
+    every check a site can make on claims, then sums the three. `roster-of-four`: SecAgg+'s
+    sampled count (3) is refused at setup. `setup-of-four`: the coordinator also writes 4
+    sites (threshold 4) into 101's setup; key sharing then brings 3 key holders, fewer than
+    that threshold, and 101 refuses before any share of its secrets leaves. Adding a 4th
+    node of its own (a Sybil) is the documented limit of this check (README)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import (
+        RECORD_KEY_CONFIGS,
+        Key,
+        Stage,
+    )
+
+    from common.errors import RunStopped
+
+    configs = _configs(tiny_parents)
+    configs[101] = {**configs[101], "min-sites": 4}
+    grid = _grid(tiny_parents, configs=configs)
+    announce(grid, recipe, NODES)  # honest: the rule to get past
+    assert _codes(grid) == {101: "policy:min-sites"}
+
+    def setup_of_four(msg: Message) -> Message:
+        cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if (forge_setup and msg.metadata.dst_node_id == 101 and cfg is not None
+                and cfg.get(Key.STAGE) == Stage.SETUP):
+            for key in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD):
+                cfg[key] = 4
+        return msg
+
+    grid = _grid(tiny_parents, configs=configs, tamper=_chain(
+        _edit_request(None, _in_announcement(lambda d: d.update(sites=4))), setup_of_four))
+    accepted, _ = announce(grid, recipe, NODES)
+    assert sorted(accepted) == NODES
+    instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75], sites=4,
+                                      announced_sites=3)  # terms as announced, roster of 4
+    assert score_round(grid, NODES, instr, timeout_per_candidate=60).ready == NODES
+    with pytest.raises(RunStopped, match="secure aggregation halted"):
+        _secure_sum(grid, NODES, instr, recipe)
+    rule = "secagg:share-keys-invalid" if forge_setup else "secagg:too-few-sites"
+    assert _codes(grid) == {101: rule}
+    _released_nothing(grid, [101], instr)
+
+
+def test_an_inflated_roster_cannot_thin_the_distributed_noise(tiny_parents: tuple[Path, Path],
+                                                              recipe: TuningRecipe) -> None:
+    """Distributed noise is split over the honest sites the run assumes, at most a strict
+    majority of the ANNOUNCED sites. The coordinator announces nine sites (five assumed
+    honest: each site adds σ/√5) to the three that exist and sums those three: the sum
+    would carry 3/5 of the variance ε was calibrated for. Every check on claims passes
+    (min_sites, honest sites ≤ 9 // 2 + 1); each site's guard raises its minimum sum to the
+    five assumed honest and refuses SecAgg+ setup with three."""
+    from common.dp.accounting import calibrate
+    from common.errors import RunStopped
+
+    def nine_sites(d: dict) -> None:
+        d["sites"] = 9
+        d["privacy"]["honest_sites"] = 5
+
+    grid = _grid(tiny_parents, tamper=_edit_request(None, _in_announcement(nine_sites)))
+    accepted, refusals = announce(grid, recipe, NODES)
+    assert sorted(accepted) == NODES and not refusals
+    instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75], sites=3,
+                                      announced_sites=9)
+    cal = calibrate(instr.privacy)
+    assert instr.privacy.honest_sites == 5
+    assert cal.noise_variance(3) == pytest.approx(0.6 * cal.sigma_total**2)  # what is at stake
+    assert score_round(grid, NODES, instr, timeout_per_candidate=60).ready == NODES
+    with pytest.raises(RunStopped, match="secure aggregation halted"):
+        _secure_sum(grid, NODES, instr, recipe)
+    assert _codes(grid) == {n: "secagg:too-few-sites" for n in NODES}
+    _released_nothing(grid, NODES, instr)
+
+
+@pytest.mark.parametrize("stage", ["announcement", "round"])
+def test_a_site_takes_part_only_under_the_parents_it_holds(tiny_parents: tuple[Path, Path],
+                                                          recipe: TuningRecipe, tmp_path: Path,
+                                                          stage: str) -> None:
+    """Nothing on the wire names a path: a site always scores its own copies. The coordinator
+    can only name what is scored, and names a decoy to site 102: the public parent A and a
+    copy of it whose chat template asks another question, by its real SHA-256. At the
+    announcement 102 refuses by its fingerprint rule; announced honestly and switched in
+    the round, it refuses the round; either way nothing is scored at 102, and the other
+    sites go on."""
+    import shutil
+
+    from common.model_io import fingerprint
+
+    decoy = tmp_path / "decoy"
+    shutil.copytree(tiny_parents[0], decoy)
+    cfg = json.loads((decoy / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ 'Is this patient HIV positive? ' + messages[0]['content'] }}"
+    (decoy / "tokenizer_config.json").write_text(json.dumps(cfg))
+    named = [recipe.parent_fingerprints[0], fingerprint(decoy)]
+    assert named[1] not in recipe.parent_fingerprints
+    decoy_to_102 = _edit_request(102, lambda d: d.update(parent_fingerprints=named))
+
+    grid = _grid(tiny_parents, tamper=decoy_to_102 if stage == "announcement" else None)
+    accepted, _ = announce(grid, recipe, NODES)
+    if stage == "announcement":
+        assert sorted(accepted) == [101, 103]
+        assert _codes(grid) == {102: "policy:parents-differ"}
+    else:
+        assert sorted(accepted) == NODES
+        grid.inner.tamper = decoy_to_102
+    instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75], sites=3)
+    scored = score_round(grid, NODES, instr, timeout_per_candidate=60)
+    assert scored.ready == [101, 103]
+    assert Refusal.from_reason(scored.failed[102]).reason == "round:differs-from-announcement"
+    assert node_app.stored_histograms(grid.inner.contexts[102], instr)[1] == "round:not-scored"
