@@ -162,8 +162,12 @@ def handle_announcement(msg: Message, context: Context, cfg: NodeConfig) -> Mess
                max_candidates=ann.max_candidates_per_round,
                fingerprints=fingerprints(ann.parent_fingerprints))
     # What was accepted, whole: every round is held to it (and counted against the policy).
+    # The rounds already scored in this run carry over: announcing again within a run (the
+    # context's state is the run's) must not start `max_rounds` again.
+    earlier = context.state.config_records.get(ACCEPTED_RECORD)
     context.state.config_records[ACCEPTED_RECORD] = ConfigRecord(
-        {"site": site, "announcement": ann.model_dump_json(), "rounds": 0}
+        {"site": site, "announcement": ann.model_dump_json(),
+         "rounds": int(earlier["rounds"]) if earlier is not None else 0}
     )
     reply = PolicyReply(site=site).model_dump_json()
     return Message(RecordDict({RECORD_NAME: ConfigRecord({REPLY_KEY: reply})}), reply_to=msg)

@@ -463,6 +463,12 @@ def test_node_ledger_lists_every_release_and_the_epsilon_spent(node_file, tmp_pa
                               fold_seed=0, terms="abcdef0123456789",
                               candidates=tuple(f"[{i / 10}]" for i in range(count)), sites=4,
                               rho=count / (2 * 3.0**2), sigma=3.0, tau=0.0))
+    # An exact run's release over 4 sampled sites, and the sum its UNMASK settled (3 summed):
+    # a "summed" row, neither a release nor a charge.
+    exact = Release(time=1_700_000_100.0, run=8, round=1, stage="tune", fold=0, folds=2,
+                    fold_seed=0, terms="fedcba9876543210", candidates=("[0.5]",), sites=4)
+    ledger.record(exact)
+    ledger.record(exact.model_copy(update={"kind": "sum", "sites": 3, "time": 1_700_000_101.0}))
     entries = ledger.entries()
     res = runner.invoke(app, ["node", "ledger", str(with_ledger), "--json"])
     assert res.exit_code == 0, res.output
@@ -474,7 +480,10 @@ def test_node_ledger_lists_every_release_and_the_epsilon_spent(node_file, tmp_pa
     # at most the tuning fold's 11 (not 13).
     assert spent == pytest.approx(epsilon_of([Gaussians(3.0, 11)], 1e-6)[0], rel=1e-9)
     assert f"ε spent {spent:.3g} of 20 (δ = 1e-06" in res.output
-    assert "releases)" in res.output and "tune" in res.output and "test" in res.output
+    assert "(3 releases)" in res.output and "test" in res.output
+    rows = [line for line in res.output.splitlines() if "fedcba987654" in line]
+    assert len(rows) == 2 and "summed" not in rows[0] and "tune: summed" in rows[1]
+    assert " 4 " in rows[0] and " 3 " in rows[1]  # sampled, then summed
     # A node file without a ledger: one error naming the field.
     res = runner.invoke(app, ["node", "ledger", str(node_file)])
     assert isinstance(res.exception, FedmergeError)

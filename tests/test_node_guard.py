@@ -206,15 +206,22 @@ def test_unbounded_requests_are_refused_and_the_node_keeps_serving(tiny_parents,
     _still_serves(grid, recipe)
 
 
-def test_rounds_per_run_are_capped(tiny_parents, recipe):
+@pytest.mark.parametrize("reannounce", [False, True], ids=["plain", "re-announced"])
+def test_rounds_per_run_are_capped(tiny_parents, recipe, reannounce):
+    """`re-announced`: a coordinator that announces again before each round, within the
+    same run, does not start the count again (it did: round 3 was scored)."""
     configs = _configs(tiny_parents, **{"max-rounds": 2})
     grid = _grid(tiny_parents, configs=configs)
     announce(grid, recipe, NODES)
     for rnd in (1, 2, 3):
+        if reannounce and rnd > 1:
+            accepted, _ = announce(grid, recipe, NODES)
+            assert sorted(accepted) == NODES
         instr = recipe.round_instructions(round=rnd, stage="tune", candidates=[0.5], sites=3)
         scored = score_round(grid, NODES, instr, timeout_per_candidate=60)
         if rnd < 3:
             assert scored.ready == NODES
+    assert scored.ready == []
     assert {Refusal.from_reason(r).reason for r in scored.failed.values()} == {
         "policy:max-rounds"}
 

@@ -9,6 +9,8 @@ guarded node in its strongest forms.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
 from adversary import run_attack
@@ -31,6 +33,10 @@ from server.grid import CoordinatorGrid
 from server.recipe import SecAggSettings, TuningRecipe
 from server.scoring_round import score_round
 from server.secagg import secure_round
+
+if TYPE_CHECKING:
+    from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
+    from flwr.clientapp.typing import ClientAppCallable
 
 DATA = "synthetic:sites=3,stays=48,seed=7"
 BINS = 16
@@ -285,3 +291,179 @@ def test_a_scored_round_is_released_once(tiny_parents, recipe):
     with pytest.raises(FedmergeError, match="round:already-released"):
         secure_round(grid, _ctx(), node_ids=NODES, instructions=instr,
                      settings=SecAggSettings(timeout=10.0))
+
+
+def _keeps_its_secrets(msg: Message, context: Context, call_next: ClientAppCallable
+                       ) -> Message:
+    """A colluding site's mod: Flower's own SecAgg+ mod (fedmerge's X25519 installed), which
+    leaves every secret of the round in the node's state afterwards (the guard wipes it)."""
+    from flwr.client.mod import secaggplus_mod
+
+    from common.secure_masks import install
+
+    install()
+    return secaggplus_mod(msg, context, call_next)
+
+
+def _secaggplus_state(context: Context) -> SecAggPlusState | None:
+    """The site's SecAgg+ state as Flower's mod stores it in the node's Context (None when
+    empty, as the guard leaves it after UNMASK)."""
+    from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    record = context.state.config_records.get(RECORD_KEY_STATE)
+    return SecAggPlusState(**record) if record and record.get("sk1") else None
+
+
+@pytest.mark.adversarial
+def test_a_coordinator_colluding_with_one_site_cannot_read_shares_between_two_others() -> None:
+    """README's privacy table says other hospitals learn "nothing of each other (shares travel
+    encrypted)" while the coordinator relays, and keeps, every SecAgg+ message. Here a real
+    4-site round (Flower's SecAggPlusWorkflow through fedmerge's `secure_round`, fedmerge's
+    site guard, fedmerge's X25519 agreement installed as the project installs it) runs to an
+    exact sum; then the coordinator colludes with site C (which ran Flower's own mod and so
+    still holds its round secrets) and attacks the shares site A sent site B at SHARE_KEYS:
+    (1) positive control: B's own key opens the ciphertext, and what it holds are real Shamir
+    shares of A's mask seed and pairwise key (combined with the other recipients' they give
+    exactly A's `rd_seed` and `sk1`), so the test is about the secrets that matter;
+    (2) every key the colluders can derive (C's two secret keys with either public key of A,
+    B or D; the coordinator itself holds no secret key) fails Fernet's authentication on it,
+    while C's key does open what A sent C (the colluders' keys are real, they are the wrong
+    ones); the same holds for every ciphertext between honest sites;
+    (3) neither the plaintext nor either share appears in the ciphertext or anywhere the
+    coordinator relayed at SHARE_KEYS and COLLECT_MASKED_VECTORS (at UNMASK, B releases A's
+    seed share by design: A is active, its self-mask must come off the sum)."""
+    import base64
+    import importlib
+
+    from cryptography.fernet import InvalidToken
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+    from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
+    from flwr.common.serde import message_to_proto
+    from secagg_support import SITE_GUARD
+
+    from common import secure_keys
+
+    rng = np.random.default_rng(23)
+    nodes = [301, 302, 303, 304]
+    site_a, site_b, site_c, site_d = nodes
+    honest = [site_a, site_b, site_d]
+    hists = {n: random_hists(rng, 2, 40) for n in nodes}
+    apps = {n: fixed_site_app(hists[n], mod=_keeps_its_secrets if n == site_c else SITE_GUARD)
+            for n in nodes}
+    loop = LoopbackGrid(apps)
+    # Ground truth for the positive control only: each honest site's secrets as its state held
+    # them before the guard wiped it at UNMASK. The attack never reads these.
+    truth: dict[int, SecAggPlusState] = {}
+
+    def keep_truth(msg: Message, seconds: float, size: int) -> None:
+        node = msg.metadata.dst_node_id
+        state = _secaggplus_state(loop.contexts[node])
+        if state is not None:
+            truth[node] = state
+
+    loop.on_deliver = keep_truth
+    grid = CoordinatorGrid(loop)
+    instr = fixed_instructions(2)
+    out = secure_round(grid, _ctx(), node_ids=nodes, instructions=instr,
+                       settings=SecAggSettings(timeout=5.0))
+    assert out.contributors == nodes and not out.failures
+    for c in range(2):
+        for k in range(2):
+            np.testing.assert_array_equal(out.histograms[c][k],
+                                          sum(hists[n][c][k] for n in nodes))
+    # The key agreement the sites ran is fedmerge's X25519, as `install` puts it in the mod;
+    # decrypt is whatever the mod runs (Flower's Fernet).
+    flower_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    assert flower_mod.generate_shared_key is secure_keys.generate_shared_key
+    generate_shared_key, decrypt = flower_mod.generate_shared_key, flower_mod.decrypt
+    priv, pub = secure_keys.bytes_to_private_key, secure_keys.bytes_to_public_key
+    # Honest sites forgot the round (guard); the colluder's state still holds its secrets.
+    assert all(_secaggplus_state(loop.contexts[n]) is None for n in honest)
+    colluder = _secaggplus_state(loop.contexts[site_c])
+    assert colluder is not None and len(colluder.sk1) == len(colluder.sk2) == 32
+
+    # What the coordinator kept of SHARE_KEYS: the public keys it forwarded, the ciphertexts.
+    group = str(instr.round)
+
+    def configs(msgs: list[Message], stage: str | None = None) -> list[tuple[Message, dict]]:
+        kept = []
+        for m in msgs:
+            if m.has_error() or m.metadata.group_id != group:
+                continue
+            cfg = m.content.config_records.get(RECORD_KEY_CONFIGS)
+            if cfg is not None and (stage is None or cfg.get(Key.STAGE) == stage):
+                kept.append((m, dict(cfg)))
+        return kept
+
+    public_keys: dict[int, tuple[bytes, bytes]] = {}
+    for _, cfg in configs(grid.sent, Stage.SHARE_KEYS):
+        for nid, (pk1, pk2) in ((int(k), v) for k, v in cfg.items() if k != Key.STAGE):
+            assert public_keys.setdefault(nid, (pk1, pk2)) == (pk1, pk2)
+    ciphertexts: dict[tuple[int, int], bytes] = {}
+    for m, cfg in configs(grid.received):
+        if Key.DESTINATION_LIST in cfg:
+            for dst, token in zip(cfg[Key.DESTINATION_LIST], cfg[Key.CIPHERTEXT_LIST],
+                                  strict=True):
+                ciphertexts[(m.metadata.src_node_id, dst)] = token
+    assert sorted(public_keys) == nodes
+    assert sorted(ciphertexts) == [(s, d) for s in nodes for d in nodes if s != d]
+    token = ciphertexts[(site_a, site_b)]
+
+    # (1) Positive control: B's own secret key opens A's ciphertext to B...
+    a, b = truth[site_a], truth[site_b]
+    assert (a.threshold, a.share_num) == (3, 4)
+    key_ab = generate_shared_key(priv(b.sk2), pub(public_keys[site_a][1]))
+    assert key_ab == b.ss2_dict[site_a] == a.ss2_dict[site_b]
+    plaintext = decrypt(key_ab, token)
+    src, dst, seed_share, key_share = share_keys_plaintext_separate(plaintext)
+    assert (src, dst) == (site_a, site_b)
+    assert seed_share != a.rd_seed and key_share != a.sk1  # shares, not the secrets
+    # ... and holds real shares: with two other recipients' (each opened with its own key,
+    # C's with the key C holds), Flower's Shamir gives back exactly A's mask seed and key.
+    opened = {site_b: (seed_share, key_share)}
+    for r in (site_c, site_d):
+        r_sk2 = (colluder if r == site_c else truth[r]).sk2
+        r_key = generate_shared_key(priv(r_sk2), pub(public_keys[site_a][1]))
+        opened[r] = share_keys_plaintext_separate(decrypt(r_key, ciphertexts[(site_a, r)]))[2:]
+    own = (a.rd_seed_share_dict[site_a], a.sk1_share_dict[site_a])  # the share A kept
+    for holders in ([opened[site_b], opened[site_c], opened[site_d]],
+                    [opened[site_b], opened[site_d], own]):
+        assert combine_shares([seed for seed, _ in holders]) == a.rd_seed
+        assert combine_shares([key for _, key in holders]) == a.sk1
+
+    # (2) Every key the colluders can derive fails on A -> B (and on every honest pair)...
+    colluder_keys = [
+        generate_shared_key(priv(sk), pub(pk))
+        for sk in (colluder.sk1, colluder.sk2)
+        for nid in honest
+        for pk in public_keys[nid]
+    ]
+    for key in colluder_keys:
+        for (s, d), ct in ciphertexts.items():
+            if site_c not in (s, d):
+                with pytest.raises(InvalidToken):
+                    decrypt(key, ct)
+    assert len(set(colluder_keys)) == 12 and key_ab not in colluder_keys
+    # ... while C's key opens what A sent C: one share of A's secrets, below the threshold 3.
+    key_ac = generate_shared_key(priv(colluder.sk2), pub(public_keys[site_a][1]))
+    assert key_ac in colluder_keys
+    got = share_keys_plaintext_separate(decrypt(key_ac, ciphertexts[(site_a, site_c)]))
+    assert got == (site_a, site_c, *opened[site_c])
+
+    # (3) The ciphertext, and all the coordinator relayed before UNMASK, carry no plaintext.
+    raw = base64.urlsafe_b64decode(token)
+    for secret in (plaintext, seed_share, key_share):
+        assert secret not in token and secret not in raw
+    relayed = [
+        message_to_proto(m).SerializeToString()
+        for stage_msgs in (configs(grid.sent, Stage.SHARE_KEYS),
+                           configs(grid.sent, Stage.COLLECT_MASKED_VECTORS))
+        for m, _ in stage_msgs
+    ] + [message_to_proto(m).SerializeToString()
+         for m, cfg in configs(grid.received)
+         if Key.DESTINATION_LIST in cfg or Key.MASKED_PARAMETERS in cfg]
+    assert len(relayed) == 16  # 4 sites x (2 requests + 2 replies)
+    for wire in relayed:
+        for secret in (seed_share, key_share):
+            assert secret not in wire
