@@ -146,6 +146,17 @@ def handle_announcement(msg: Message, context: Context, cfg: NodeConfig) -> Mess
         )
     except (KeyError, ValueError):
         return _refuse(msg, site, "request:malformed")
+    earlier = context.state.config_records.get(ACCEPTED_RECORD)
+    if earlier is not None and str(earlier["announcement"]) != ann.model_dump_json():
+        # Why: what a site has released in this run (rounds, noisy releases per fold) and the
+        # noise its sums must carry were counted against the terms it accepted. New terms in
+        # the same run would start those counts again, or lower the sites a sum must have
+        # after a round was scored for more. The context's state is the run's: a new run may
+        # announce anything.
+        log.info("announcement refused: policy:announcement-changed")
+        site_event("refused", run=context.run_id, stage="announcement",
+                   rule="policy:announcement-changed")
+        return _refuse(msg, site, "policy:announcement-changed")
     try:
         site, reason = check_announcement(cfg, ann)
     except (FedmergeError, OSError, ValueError):
@@ -162,13 +173,11 @@ def handle_announcement(msg: Message, context: Context, cfg: NodeConfig) -> Mess
                max_candidates=ann.max_candidates_per_round,
                fingerprints=fingerprints(ann.parent_fingerprints))
     # What was accepted, whole: every round is held to it (and counted against the policy).
-    # The rounds already scored in this run carry over: announcing again within a run (the
-    # context's state is the run's) must not start `max_rounds` again.
-    earlier = context.state.config_records.get(ACCEPTED_RECORD)
-    context.state.config_records[ACCEPTED_RECORD] = ConfigRecord(
-        {"site": site, "announcement": ann.model_dump_json(),
-         "rounds": int(earlier["rounds"]) if earlier is not None else 0}
-    )
+    # The same announcement again (a retry) keeps the run's counts: rounds, releases per fold.
+    if earlier is None:
+        context.state.config_records[ACCEPTED_RECORD] = ConfigRecord(
+            {"site": site, "announcement": ann.model_dump_json(), "rounds": 0}
+        )
     reply = PolicyReply(site=site).model_dump_json()
     return Message(RecordDict({RECORD_NAME: ConfigRecord({REPLY_KEY: reply})}), reply_to=msg)
 

@@ -40,6 +40,8 @@ REFUSAL_CODES = {
     "policy:scoring-out-of-bounds": "token budgets beyond this site's bounds",
     "policy:max-rounds": "more rounds in this run than this site allows",
     "policy:announcement-rate": "more announcements in the last hour than this site answers",
+    "policy:announcement-changed": "a second announcement in a run, other than the one this "
+    "site accepted",
     "policy:min-cohort": "a fold with fewer stays than this site's min_cohort",
     "policy:min-positives": "a fold with fewer positives than this site's min_positives",
     "round:differs-from-announcement": "a round whose terms differ from what this site accepted",

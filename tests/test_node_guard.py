@@ -846,6 +846,87 @@ def test_an_inflated_roster_cannot_thin_the_distributed_noise(tiny_parents: tupl
     _released_nothing(grid, NODES, instr)
 
 
+def test_a_run_cannot_lower_its_noise_minimum_by_announcing_again(
+        tiny_parents: tuple[Path, Path], recipe: TuningRecipe) -> None:
+    """The inflated roster again, now with a second announcement between scoring and SecAgg+:
+    a round is scored under nine announced sites (five assumed honest, each site's noise
+    σ/√5), then an honest-looking three-site announcement would lower the guard's minimum
+    sum to the two it assumes, and a setup forged to say five sites would release a sum of
+    three carrying 3/5 of the variance ε was set for (it did). A run keeps the announcement
+    it started with: the second is refused, and so is the setup."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    from common.errors import RunStopped
+
+    inflated = {"on": True}
+
+    def nine_sites(d: dict) -> None:
+        if inflated["on"]:
+            d["sites"] = 9
+            d["privacy"]["honest_sites"] = 5
+
+    inflate = _edit_request(None, _in_announcement(nine_sites))
+
+    def setup_says_five(msg: Message) -> Message:
+        msg = inflate(msg)
+        cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if cfg is not None and cfg.get(Key.STAGE) == Stage.SETUP:
+            cfg[Key.SAMPLE_NUMBER] = 5  # shares and threshold 3, as the workflow sets them
+        return msg
+
+    grid = _grid(tiny_parents, tamper=setup_says_five)
+    accepted, refusals = announce(grid, recipe, NODES)
+    assert sorted(accepted) == NODES and not refusals
+    instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75], sites=3,
+                                      announced_sites=9)
+    assert instr.privacy.honest_sites == 5
+    assert score_round(grid, NODES, instr, timeout_per_candidate=60).ready == NODES
+    inflated["on"] = False
+    accepted, _ = announce(grid, recipe, NODES)
+    assert accepted == {}
+    assert _codes(grid) == {n: "policy:announcement-changed" for n in NODES}
+    with pytest.raises(RunStopped, match="secure aggregation halted"):
+        _secure_sum(grid, NODES, instr, recipe)
+    assert _codes(grid) == {n: "secagg:threshold-below-policy" for n in NODES}
+    _released_nothing(grid, NODES, instr)
+
+
+def test_the_same_announcement_again_keeps_the_runs_release_count(
+        tiny_parents: tuple[Path, Path], tmp_path: Path) -> None:
+    """Noise is calibrated for the candidates a run announces per fold (3 here, ε = 8). A
+    coordinator that announces the same terms again before each round would start the count
+    again (it did: three rounds of three went out in one run, ε 15.7 against the per-run cap
+    of 8). The second round of the fold is refused, and the ledger shows one release."""
+    from client.ledger import ReleaseLedger
+    from common.errors import FedmergeError
+
+    a, b = tiny_parents
+    recipe = TuningRecipe(
+        parent_a=str(a), parent_b=str(b), method="linear", scoring={"max_patient_tokens": 64},
+        search={"grid_points": 3, "max_candidates_per_round": 3},
+        privacy={"mode": "distributed", "epsilon": 8.0},
+    ).with_fingerprints()
+    configs = _configs(tiny_parents)
+    for n in NODES:
+        configs[n]["ledger"] = str(tmp_path / f"{n}.jsonl")
+    grid = _grid(tiny_parents, configs=configs)
+    for rnd, candidates in ((1, [0.1, 0.5, 0.9]), (2, [0.2, 0.6, 0.8])):
+        accepted, _ = announce(grid, recipe, NODES)
+        assert sorted(accepted) == NODES
+        instr = recipe.round_instructions(round=rnd, stage="tune", candidates=candidates,
+                                          sites=3)
+        assert score_round(grid, NODES, instr, timeout_per_candidate=60).ready == NODES
+        if rnd == 1:
+            _secure_sum(grid, NODES, instr, recipe)
+    with pytest.raises(FedmergeError):
+        _secure_sum(grid, NODES, instr, recipe)
+    assert set(_codes(grid).values()) == {"dp:releases-exhausted"}
+    for n in NODES:
+        ledger = ReleaseLedger(tmp_path / f"{n}.jsonl")
+        assert [(e.round, len(e.candidates)) for e in ledger.entries()] == [(1, 3)]
+        assert ledger.spent_epsilon(1e-6) <= 8.0
+
+
 @pytest.mark.parametrize("stage", ["announcement", "round"])
 def test_a_site_takes_part_only_under_the_parents_it_holds(tiny_parents: tuple[Path, Path],
                                                           recipe: TuningRecipe, tmp_path: Path,
