@@ -23,7 +23,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fedmerge simulate --out runs/demo
 
-# The default suite (about 2.5 minutes), then the few long end-to-end tests marked `slow`
+# The default suite (about 3 minutes), then the few long end-to-end tests marked `slow`
 # (real SuperLink and SuperNodes, fault injection, ten sites, flwr run: about 7 minutes).
 test: $(STAMP)
 	$(BIN)/ruff check .

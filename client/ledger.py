@@ -4,8 +4,9 @@ Why: a coordinator may keep everything and re-run. Summing the same fold of the 
 over {A, B, C, D} and again over {A, B, C} gives D's histogram by difference, exactly, although
 each sum alone hides D. No single round shows that; only a memory across rounds and runs does.
 Before a site hands its vector to a SecAgg+ round it looks here for an earlier release of the
-same fold, fold seed, terms (parents, method, scoring, histogram) and candidate summed over a
-DIFFERENT number of sites, and refuses (`ledger:would-isolate`); it also caps releases per day
+same fold, fold seed, terms (parents, scoring, histogram) and merge (`merge_identity`: the
+model a candidate builds, not how it is written) summed over a DIFFERENT number of sites, and
+refuses (`ledger:would-isolate`); it also caps releases per day
 (`ledger:daily-cap`). How many sites a sum holds is only settled at UNMASK, after the vectors
 left: a coordinator can sample the same four sites twice and drop one of them the second time
 (its vector never collected, so UNMASK lists it dead). So the site writes a second line at
@@ -29,6 +30,9 @@ consistent, not one that forges them; noise bounds both.
 Each release is appended as one JSON line, flushed and fsynced, so the ledger survives
 restarts; a line torn by a crash is ignored when read (that release was not completed).
 `fedmerge node ledger` shows it.
+
+Lines written before `merge_identity` (the candidate as written, the method in the terms) are
+still charged, but matched only against lines of their own form.
 
 What it does not stop without noise: different candidates on one fold summed over different
 site sets still differ by the dropped site's stay and death counts (every histogram of a fold
@@ -61,7 +65,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.errors import FedmergeError
-from common.protocol import RoundInstructions, candidate_key
+from common.protocol import GROUPS, Candidate, RoundInstructions
 
 DAY_S = 86_400.0
 
@@ -78,7 +82,7 @@ class Release(BaseModel):
     fold: int
     folds: int
     fold_seed: int
-    terms: str  # SHA-256 of parents, method, scoring and histogram spec
+    terms: str  # SHA-256 of parents, scoring and histogram spec (`terms_digest`)
     candidates: tuple[str, ...]
     sites: int
     # zCDP cost of this release for any one patient of the fold (0: an exact, noiseless sum).
@@ -110,11 +114,42 @@ class Release(BaseModel):
         return Gaussians(sigma, count, distributed_tau(sigma / math.sqrt(t), t))
 
 
+# Candidates closer than this are one candidate to the ledger: their scores barely differ,
+# so two sums of them over different sites would still give a site by difference.
+LAMBDA_DECIMALS = 4
+
+
 def terms_digest(instr: RoundInstructions) -> str:
-    fields = instr.model_dump(
-        mode="json", include={"parent_fingerprints", "method", "scoring", "histogram"}
-    )
+    """SHA-256 of what shapes every score of a release but the merge itself: parents, scoring
+    and histogram spec. Not the method (part of `merge_identity`, where it matters) nor
+    `batch_tokens` (how many tokens go through the model at once: the same scores)."""
+    fields = instr.model_dump(mode="json", include={"parent_fingerprints", "scoring", "histogram"})
+    fields["scoring"].pop("batch_tokens", None)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def merge_identity(candidate: Candidate, method: str) -> str:
+    """The model a candidate builds, as the ledger compares releases (JSON text).
+
+    Why not the candidate as written: a coordinator that rewords a candidate (λ + 1e-9, the
+    same λ given per group, a parent under the other method) gets the same scores under a
+    new name, and the ledger would let the two sums over different sites through. So: every
+    group's λ (an unnamed group takes the mean of the named, as the merge does), rounded to
+    `LAMBDA_DECIMALS`; one λ when all agree; and no method where every λ is 0 or 1, since
+    each tensor is then one parent's whatever the method (λ = 0 and 1 are the parents).
+    """
+    if isinstance(candidate, dict):
+        given = {g: float(v) for g, v in candidate.items()}
+        mean = sum(given.values()) / len(given)
+        values = [round(given.get(g, mean), LAMBDA_DECIMALS) for g in GROUPS]
+    else:
+        values = [round(float(candidate), LAMBDA_DECIMALS)] * len(GROUPS)
+    values = [v + 0.0 for v in values]  # -0.0 is 0.0
+    lam: float | dict[str, float] = values[0] if len(set(values)) == 1 else dict(
+        zip(GROUPS, values, strict=True))
+    if all(v in (0.0, 1.0) for v in values):
+        return json.dumps(["parents", lam])
+    return json.dumps([method, lam])
 
 
 def release_of(instr: RoundInstructions, *, run: int, sites: int, now: float | None = None
@@ -136,7 +171,7 @@ def release_of(instr: RoundInstructions, *, run: int, sites: int, now: float | N
         folds=instr.folds,
         fold_seed=instr.fold_seed,
         terms=terms_digest(instr),
-        candidates=tuple(json.dumps(candidate_key(c)) for c in instr.candidates),
+        candidates=tuple(merge_identity(c, instr.method) for c in instr.candidates),
         sites=sites,
     )
 

@@ -126,6 +126,28 @@ def _check_stage(stage: str, cfg, state, policy: GuardPolicy, group: str, guard)
             raise SecAggRefused("secagg:unmask-unknown-site")
 
 
+def masks_bound_to_round(msg: Message, masking: bool):
+    """While this site masks its vector: masks bound to the round's instructions as this site
+    received them (`common.secure_masks.bound_to`), so that sites told different terms draw
+    pairwise masks that do not cancel. A message without instructions is left unbound (the
+    site's handler refuses it)."""
+    import contextlib
+
+    if not masking:
+        return contextlib.nullcontext()
+    import flwr.compat.common.recorddict_compat as compat
+
+    from common.protocol import INSTRUCTIONS_KEY, RoundInstructions, instructions_digest
+    from common.secure_masks import bound_to
+
+    try:
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        instr = RoundInstructions.model_validate_json(str(fitins.config[INSTRUCTIONS_KEY]))
+    except Exception:  # noqa: BLE001 - not fedmerge's round: nothing to bind to
+        return contextlib.nullcontext()
+    return bound_to(bytes.fromhex(instructions_digest(instr)))
+
+
 def checked_secaggplus_mod(policy_of: Callable[[Context], GuardPolicy]):
     """Flower's SecAgg+ client mod, run only for requests the site's policy allows."""
 
@@ -175,7 +197,8 @@ def checked_secaggplus_mod(policy_of: Callable[[Context], GuardPolicy]):
                     raise _HandlerReply(reply)
                 return reply
 
-            reply = secaggplus_mod(msg, context, handler)
+            with masks_bound_to_round(msg, stage == Stage.COLLECT_MASKED_VECTORS):
+                reply = secaggplus_mod(msg, context, handler)
             if stage == Stage.UNMASK:
                 reset(context)  # the shares are out: nothing of this round may be released again
             return reply

@@ -18,12 +18,22 @@ replacements are installed where the server workflow and the client mod look the
 (`pseudo_rand_gen` in both; `create_shares` in the client mod, `combine_shares` in the
 workflow). The patch targets module globals of one Flower release; on any other release it
 refuses to run instead of silently falling back to the weak generator.
+
+Masks are also bound to the round (`bound_to`): every seed is hashed together with the
+digest of the round's instructions as each end saw them. Why: sites never see one another's
+messages, so a coordinator could tell each site different terms (one site ε = 1, the others
+ε = 8, so the sum carries less noise than that site was charged for) and still get a sum.
+Bound, two sites told different terms draw different pairwise masks, which then do not
+cancel: the sum is uniformly random and tells nothing of anyone. Honest rounds send every
+site the same instructions, so nothing changes for them.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 
@@ -72,6 +82,24 @@ KEY_TARGETS = tuple(
 )
 
 _NONCE = bytes(16)  # one key per seed and one use per key: a fixed nonce is safe
+# The digest of the round whose masks are being drawn (empty: unbound, e.g. a unit test).
+# A ContextVar, not a global: in one process (the loopback tests) a site's masking runs
+# nested inside the coordinator's round, each under its own view of the round.
+_ROUND_BINDING: ContextVar[bytes] = ContextVar("fedmerge_round_binding", default=b"")
+_BINDING_LABEL = b"fedmerge secagg+ round binding v1\x00"
+
+
+@contextmanager
+def bound_to(round_digest: bytes) -> Iterator[None]:
+    """Draw every mask inside this block bound to `round_digest` (32 bytes, the SHA-256 of
+    the round's instructions: `common.protocol.instructions_digest`)."""
+    if len(round_digest) != 32:
+        raise ValueError("secure masks: a round binding is a 32-byte digest")
+    token = _ROUND_BINDING.set(bytes(round_digest))
+    try:
+        yield
+    finally:
+        _ROUND_BINDING.reset(token)
 # Flower's own functions by name, kept so tests can show ours differ from (or agree with) them.
 UPSTREAM: dict[str, object] = {}
 
@@ -93,7 +121,8 @@ def crypto_rand_gen(
         raise ValueError(f"secure masks: num_range={num_range}, expected a power of two <= 2**32")
     sizes = [int(np.prod(shape, dtype=np.int64)) for shape in dimensions_list]
     total = sum(sizes)
-    key = hashlib.sha256(bytes(seed)).digest()
+    binding = _ROUND_BINDING.get()
+    key = hashlib.sha256((_BINDING_LABEL + binding if binding else b"") + bytes(seed)).digest()
     encryptor = Cipher(algorithms.ChaCha20(key, _NONCE), mode=None).encryptor()
     stream = encryptor.update(bytes(4 * total)) + encryptor.finalize()
     words = np.frombuffer(stream, dtype="<u4").astype(np.int64) & (num_range - 1)

@@ -94,7 +94,8 @@ def secure_round(
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-    from common.secure_masks import install
+    from common.protocol import instructions_digest
+    from common.secure_masks import bound_to, install
     from server.strategy import HistogramSumStrategy
 
     install()
@@ -136,7 +137,10 @@ def secure_round(
     start = len(grid.received)
     grid.message_ttl = settings.timeout + 30.0  # a stage no one waits for anymore expires
     try:
-        workflow(grid, legacy)
+        # Masks bound to these instructions, as each site binds the ones it was sent
+        # (`common.secure_masks.bound_to`): a site told other terms does not sum.
+        with bound_to(bytes.fromhex(instructions_digest(instructions))):
+            workflow(grid, legacy)
     except Exception as exc:  # Flower's own checks on replies a site or attacker malformed
         raise RunStopped(
             f"{where}: secure aggregation failed ({type(exc).__name__} in Flower's SecAgg+ "

@@ -274,7 +274,8 @@ def _four_sites(tiny_parents, ledgers, privacy="off", **extra):
     return configs
 
 
-def _one_run(tiny_parents, configs, recipe, nodes, tamper=None, grids=None):
+def _one_run(tiny_parents, configs, recipe, nodes, tamper=None, grids=None,
+             candidates=(0.25, 0.75)):
     """A whole honest-looking run over `nodes`: announce, score, sum; the summed histograms.
     `tamper` rewrites what nodes receive; the grid is appended to `grids` when given."""
     from server.secagg import secure_round
@@ -283,7 +284,7 @@ def _one_run(tiny_parents, configs, recipe, nodes, tamper=None, grids=None):
     if grids is not None:
         grids.append(grid)
     announce(grid, recipe, nodes)
-    instr = recipe.round_instructions(round=1, stage="tune", candidates=[0.25, 0.75],
+    instr = recipe.round_instructions(round=1, stage="tune", candidates=list(candidates),
                                       sites=len(nodes))
     scored = score_round(grid, nodes, instr, timeout_per_candidate=60)
     if scored.ready != nodes:
@@ -335,6 +336,64 @@ def test_differencing_two_runs_isolates_a_site_only_without_the_ledger(tiny_pare
     for i in range(3):
         entries = ReleaseLedger(tmp_path / f"site-{i}.jsonl").entries()
         assert [(e.kind, e.sites) for e in entries] == [("release", 4), ("sum", 4)]
+
+
+_EVERY_GROUP = ("attention", "mlp", "other")
+# Run 2's wording of run 1's merges (run 1: λ 0.25 and 0.75 under linear; the parents, λ 0 and
+# 1, for the last): (recipe changes, candidates). Each gives run 1's scores again.
+REWORDED = {
+    "lambda-plus-1e-9": ({}, [0.25 + 1e-9, 0.75 + 1e-9]),
+    "every-group-named": ({}, [{g: 0.25 for g in _EVERY_GROUP}, {g: 0.75 for g in _EVERY_GROUP}]),
+    "one-group-named": ({}, [{"attention": 0.25}, {"mlp": 0.75}]),  # the rest take its λ
+    "batch-tokens": ({"batch_tokens": 4095}, [0.25, 0.75]),
+    "parents-under-slerp": ({"method": "slerp"}, [0.0, 1.0]),
+}
+
+
+@pytest.mark.parametrize("reworded", list(REWORDED))
+def test_a_reworded_candidate_is_the_same_candidate_to_the_ledger(tiny_parents, tmp_path,
+                                                                 reworded):
+    """Run 1 sums two merges over {A, B, C, D}; run 2 asks the same merges over {A, B, C} in
+    other words, which give the same scores (λ + 1e-9, λ given per group, another batch size,
+    the parents under the other method). Matched on the wording, the ledger let run 2 through
+    and run 1 - run 2 was D's histograms, exactly (and two honest runs that tested the parents
+    under linear and then slerp would have done the same). Matched on the model a candidate
+    builds (`client.ledger.merge_identity`), A, B and C refuse."""
+    changes, candidates = REWORDED[reworded]
+    a, b = tiny_parents
+
+    def recipe_with(method: str = "linear", batch_tokens: int = 4096) -> TuningRecipe:
+        return TuningRecipe(
+            parent_a=str(a), parent_b=str(b), method=method,
+            scoring={"max_patient_tokens": 64, "batch_tokens": batch_tokens},
+            histogram={"bins": 16, "lo": -4.0, "hi": 4.0}, privacy={"mode": "off"},
+        ).with_fingerprints()
+
+    first_candidates = (0.0, 1.0) if reworded == "parents-under-slerp" else (0.25, 0.75)
+    configs = _four_sites(tiny_parents, tmp_path)
+    first, _ = _one_run(tiny_parents, configs, recipe_with(), [101, 102, 103, 104],
+                        candidates=first_candidates)
+    assert first is not None
+    second, scored = _one_run(tiny_parents, configs, recipe_with(**changes), [101, 102, 103],
+                              candidates=candidates)
+    assert second is None
+    assert {n: Refusal.from_reason(r).reason for n, r in scored.failed.items()} == {
+        n: "ledger:would-isolate" for n in (101, 102, 103)}
+
+
+def test_merge_identity_names_the_model_not_the_wording():
+    from client.ledger import merge_identity
+
+    half = merge_identity(0.5, "linear")
+    assert merge_identity(0.5 + 1e-9, "linear") == merge_identity({"mlp": 0.5}, "linear") == half
+    assert merge_identity(0.5, "slerp") != half  # another model
+    assert merge_identity(0.51, "linear") != half
+    assert merge_identity(0.0, "slerp") == merge_identity(0.0, "linear") == merge_identity(
+        {"attention": 0.0, "mlp": 0.0, "other": -0.0}, "slerp")
+    mixed = {"attention": 0.0, "mlp": 1.0, "other": 1.0}
+    assert merge_identity(mixed, "linear") == merge_identity(mixed, "slerp")
+    assert merge_identity({"attention": 0.2, "mlp": 0.8}, "linear") == merge_identity(
+        {"attention": 0.2, "mlp": 0.8, "other": 0.5}, "linear")
 
 
 def _never_collect(victim: int):
@@ -889,6 +948,74 @@ def test_a_run_cannot_lower_its_noise_minimum_by_announcing_again(
         _secure_sum(grid, NODES, instr, recipe)
     assert _codes(grid) == {n: "secagg:threshold-below-policy" for n in NODES}
     _released_nothing(grid, NODES, instr)
+
+
+def test_sites_told_different_terms_do_not_sum(tiny_parents: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    """Sites never see one another's messages. A coordinator tells site 101 ε = 1 and the
+    two others ε = 8, in every message: each site's checks pass and each adds the noise of its
+    own ε, so the sum carried far less noise than 101 was charged for (sd 10.1 against σ 14.0
+    charged: 1.4 times the ε). Masks are bound to the round's instructions as each site saw
+    them: 101's pairwise masks then do not cancel against the others', and the sum the
+    coordinator unmasks is uniformly random, nowhere near anyone's counts."""
+    import json
+
+    import numpy as np
+
+    from client.node_config import parse_node_config
+    from client.task import score_one
+    from common.dp.accounting import calibrate
+    from common.errors import FedmergeError
+
+    victim = 101
+
+    def eps_8(obj: object) -> None:
+        if isinstance(obj, dict):
+            if isinstance(obj.get("privacy"), dict):
+                obj["privacy"]["epsilon"] = 8.0
+            for value in obj.values():
+                eps_8(value)
+
+    def others_told_eps_8(msg: Message) -> Message:
+        if msg.metadata.dst_node_id == victim:
+            return msg
+        for name, rec in list(msg.content.config_records.items()):
+            changed = {}
+            for k, v in rec.items():
+                if isinstance(v, str) and v.startswith("{") and "privacy" in v:
+                    d = json.loads(v)
+                    eps_8(d)
+                    changed[k] = json.dumps(d)
+            if changed:
+                msg.content.config_records[name] = ConfigRecord({**dict(rec), **changed})
+        return msg
+
+    a, b = tiny_parents
+    recipe = TuningRecipe(
+        parent_a=str(a), parent_b=str(b), method="linear", scoring={"max_patient_tokens": 64},
+        search={"grid_points": 11}, privacy={"mode": "distributed", "epsilon": 1.0},
+    ).with_fingerprints()
+    configs = _configs(tiny_parents)
+    grid = _grid(tiny_parents, tamper=others_told_eps_8, configs=configs)
+    accepted, refusals = announce(grid, recipe, NODES)
+    assert sorted(accepted) == NODES and not refusals
+    candidates = [i / 10 for i in range(11)]
+    instr = recipe.round_instructions(round=1, stage="tune", candidates=candidates, sites=3)
+    assert score_round(grid, NODES, instr, timeout_per_candidate=120).ready == NODES
+    truth = sum(
+        np.concatenate([np.concatenate(score_one(parse_node_config(configs[n]), instr, i))
+                        for i in range(len(candidates))])
+        for n in NODES
+    )
+    sigma = calibrate(instr.privacy).sigma_total
+    try:
+        out = _secure_sum(grid, NODES, instr, recipe)
+    except FedmergeError:
+        return  # the coordinator's decoding refused what it unmasked: nothing released either
+    got = np.concatenate([np.concatenate(h) for h in out.histograms])
+    # Unbound, the error's sd was 10.1 (0.72 σ); bound, the unmasked words are uniform over
+    # the 2^32 modulus, far past any count or any noise.
+    assert np.median(np.abs(got - truth)) > 1000 * sigma
 
 
 def test_the_same_announcement_again_keeps_the_runs_release_count(

@@ -298,11 +298,16 @@ def _keeps_its_secrets(msg: Message, context: Context, call_next: ClientAppCalla
     """A colluding site's mod: Flower's own SecAgg+ mod (fedmerge's X25519 installed), which
     leaves every secret of the round in the node's state afterwards (the guard wipes it)."""
     from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+    from client.secagg_guard import masks_bound_to_round
     from common.secure_masks import install
 
     install()
-    return secaggplus_mod(msg, context, call_next)
+    cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    masking = cfg is not None and cfg.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS
+    with masks_bound_to_round(msg, masking):  # it follows the protocol, masks included
+        return secaggplus_mod(msg, context, call_next)
 
 
 def _secaggplus_state(context: Context) -> SecAggPlusState | None:

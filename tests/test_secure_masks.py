@@ -68,6 +68,32 @@ def test_masks_differ_from_upstream_and_use_the_whole_seed():
     assert not np.array_equal(crypto_rand_gen(swapped, 2**32, dims)[1], ours[1])
 
 
+def test_masks_are_bound_to_the_round_they_are_drawn_for():
+    """Inside `bound_to(d)` a seed gives masks of its own for each round digest d: the same d
+    the same masks at both ends, another d (a site told other terms) other masks; outside any
+    binding, the masks of the unbound generator (SHA-256 of the seed)."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    seed, dims = b"s" * 32, [(64,)]
+    first, second = hashlib.sha256(b"round 1").digest(), hashlib.sha256(b"round 1'").digest()
+    (unbound,) = crypto_rand_gen(seed, 2**32, dims)
+    with secure_masks.bound_to(first):
+        (one,) = crypto_rand_gen(seed, 2**32, dims)
+        with secure_masks.bound_to(second):  # nested: the inner binding, then the outer again
+            (other,) = crypto_rand_gen(seed, 2**32, dims)
+        (one_again,) = crypto_rand_gen(seed, 2**32, dims)
+    (unbound_again,) = crypto_rand_gen(seed, 2**32, dims)
+    assert np.array_equal(one, one_again) and np.array_equal(unbound, unbound_again)
+    assert not np.array_equal(one, other) and not np.array_equal(one, unbound)
+    key = hashlib.sha256(seed).digest()  # the unbound key, written out
+    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(256))
+    assert np.array_equal(unbound, np.frombuffer(stream, "<u4").astype(np.int64))
+    with pytest.raises(ValueError, match="32-byte"), secure_masks.bound_to(b"short"):
+        pass
+
+
 def test_masks_are_uniform_over_the_modulus():
     (x,) = crypto_rand_gen(b"k" * 32, 2**16, [(200_000,)])
     assert x.min() >= 0 and x.max() < 2**16
