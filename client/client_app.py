@@ -157,6 +157,10 @@ def handle_announcement(msg: Message, context: Context, cfg: NodeConfig) -> Mess
         site_event("refused", run=context.run_id, stage="announcement",
                    rule="policy:announcement-changed")
         return _refuse(msg, site, "policy:announcement-changed")
+    if earlier is not None:  # the same again (a retry): accepted as it was, counts kept
+        reply = PolicyReply(site=str(earlier["site"])).model_dump_json()
+        return Message(RecordDict({RECORD_NAME: ConfigRecord({REPLY_KEY: reply})}),
+                       reply_to=msg)
     try:
         site, reason = check_announcement(cfg, ann)
     except (FedmergeError, OSError, ValueError):
@@ -173,11 +177,9 @@ def handle_announcement(msg: Message, context: Context, cfg: NodeConfig) -> Mess
                max_candidates=ann.max_candidates_per_round,
                fingerprints=fingerprints(ann.parent_fingerprints))
     # What was accepted, whole: every round is held to it (and counted against the policy).
-    # The same announcement again (a retry) keeps the run's counts: rounds, releases per fold.
-    if earlier is None:
-        context.state.config_records[ACCEPTED_RECORD] = ConfigRecord(
-            {"site": site, "announcement": ann.model_dump_json(), "rounds": 0}
-        )
+    context.state.config_records[ACCEPTED_RECORD] = ConfigRecord(
+        {"site": site, "announcement": ann.model_dump_json(), "rounds": 0}
+    )
     reply = PolicyReply(site=site).model_dump_json()
     return Message(RecordDict({RECORD_NAME: ConfigRecord({REPLY_KEY: reply})}), reply_to=msg)
 

@@ -31,8 +31,8 @@ Each release is appended as one JSON line, flushed and fsynced, so the ledger su
 restarts; a line torn by a crash is ignored when read (that release was not completed).
 `fedmerge node ledger` shows it.
 
-Lines written before `merge_identity` (the candidate as written, the method in the terms) are
-still charged, but matched only against lines of their own form.
+Lines written before `merge_identity` (the candidate as written, the method and batch size in
+the terms) are still charged and still matched: each release also carries its old form.
 
 What it does not stop without noise: different candidates on one fold summed over different
 site sets still differ by the dropped site's stay and death counts (every histogram of a fold
@@ -65,7 +65,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.errors import FedmergeError
-from common.protocol import GROUPS, Candidate, RoundInstructions
+from common.protocol import GROUPS, Candidate, RoundInstructions, candidate_key
 
 DAY_S = 86_400.0
 
@@ -94,6 +94,10 @@ class Release(BaseModel):
     # "release": this site's vector left in a SecAgg+ round (`sites`: the sites sampled);
     # "sum": that round's UNMASK, `sites` the sites whose vectors are summed (no new charge).
     kind: Literal["release", "sum"] = "release"
+    # The same release in the form of lines written before `merge_identity` (terms with the
+    # method and batch size, candidates as written), so that those lines still match it.
+    legacy_terms: str | None = None
+    legacy_candidates: tuple[str, ...] | None = None
 
     def charges(self):
         """This release as the accountant composes it (None for an exact sum)."""
@@ -114,9 +118,12 @@ class Release(BaseModel):
         return Gaussians(sigma, count, distributed_tau(sigma / math.sqrt(t), t))
 
 
-# Candidates closer than this are one candidate to the ledger: their scores barely differ,
-# so two sums of them over different sites would still give a site by difference.
-LAMBDA_DECIMALS = 4
+# Merges whose λ differ by at most this in every group are one merge to the ledger: their
+# scores barely differ, so two sums of them over different sites would still give a site by
+# difference. Compared as a distance (`same_merge`), never by rounding, which would put two
+# λ a hair apart on either side of a rounding boundary.
+LAMBDA_TOLERANCE = 1e-4
+_TAGS = ("parents", "linear", "slerp")
 
 
 def terms_digest(instr: RoundInstructions) -> str:
@@ -128,28 +135,54 @@ def terms_digest(instr: RoundInstructions) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def _legacy_terms_digest(instr: RoundInstructions) -> str:
+    """The terms as lines written before `merge_identity` hold them (method, batch size)."""
+    fields = instr.model_dump(
+        mode="json", include={"parent_fingerprints", "method", "scoring", "histogram"}
+    )
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def merge_identity(candidate: Candidate, method: str) -> str:
-    """The model a candidate builds, as the ledger compares releases (JSON text).
+    """The model a candidate builds, as the ledger compares releases: JSON `[tag, [λ per
+    group]]`, the tag the method, or "parents" where every λ is within `LAMBDA_TOLERANCE` of
+    0 or 1 (each tensor is then one parent's, whatever the method; λ then written 0 or 1).
 
     Why not the candidate as written: a coordinator that rewords a candidate (λ + 1e-9, the
     same λ given per group, a parent under the other method) gets the same scores under a
-    new name, and the ledger would let the two sums over different sites through. So: every
-    group's λ (an unnamed group takes the mean of the named, as the merge does), rounded to
-    `LAMBDA_DECIMALS`; one λ when all agree; and no method where every λ is 0 or 1, since
-    each tensor is then one parent's whatever the method (λ = 0 and 1 are the parents).
+    new name, and the ledger would let two sums over different sites through. An unnamed
+    group takes the mean of the named ones, as the merge does.
     """
     if isinstance(candidate, dict):
         given = {g: float(v) for g, v in candidate.items()}
         mean = sum(given.values()) / len(given)
-        values = [round(given.get(g, mean), LAMBDA_DECIMALS) for g in GROUPS]
+        values = [given.get(g, mean) for g in GROUPS]
     else:
-        values = [round(float(candidate), LAMBDA_DECIMALS)] * len(GROUPS)
-    values = [v + 0.0 for v in values]  # -0.0 is 0.0
-    lam: float | dict[str, float] = values[0] if len(set(values)) == 1 else dict(
-        zip(GROUPS, values, strict=True))
-    if all(v in (0.0, 1.0) for v in values):
-        return json.dumps(["parents", lam])
-    return json.dumps([method, lam])
+        values = [float(candidate)] * len(GROUPS)
+    ends = [round(v) for v in values]
+    if all(abs(v - e) <= LAMBDA_TOLERANCE for v, e in zip(values, ends, strict=True)):
+        return json.dumps(["parents", [float(e) for e in ends]])
+    return json.dumps([method, [round(v, 12) + 0.0 for v in values]])
+
+
+def _merge(text: str) -> tuple[str, list[float]] | None:
+    """A `merge_identity` back as (tag, λ per group); None for a line written before it."""
+    try:
+        tag, values = json.loads(text)
+    except (ValueError, TypeError):
+        return None
+    if tag not in _TAGS or not isinstance(values, list) or len(values) != len(GROUPS):
+        return None
+    return tag, [float(v) for v in values]
+
+
+def same_merge(a: str, b: str) -> bool:
+    """Whether two `merge_identity` texts name one merge (within `LAMBDA_TOLERANCE`)."""
+    first, second = _merge(a), _merge(b)
+    if first is None or second is None:
+        return a == b
+    return first[0] == second[0] and all(
+        abs(x - y) <= LAMBDA_TOLERANCE for x, y in zip(first[1], second[1], strict=True))
 
 
 def release_of(instr: RoundInstructions, *, run: int, sites: int, now: float | None = None
@@ -172,6 +205,8 @@ def release_of(instr: RoundInstructions, *, run: int, sites: int, now: float | N
         fold_seed=instr.fold_seed,
         terms=terms_digest(instr),
         candidates=tuple(merge_identity(c, instr.method) for c in instr.candidates),
+        legacy_terms=_legacy_terms_digest(instr),
+        legacy_candidates=tuple(json.dumps(candidate_key(c)) for c in instr.candidates),
         sites=sites,
     )
 
@@ -256,13 +291,24 @@ class ReleaseLedger:
 
 
 def _isolating(release: Release, earlier: list[Release]) -> str | None:
-    """`ledger:would-isolate` when an earlier line has the same fold, terms and a candidate in
-    common but another number of sites: the two sums would differ by whole sites."""
-    mine = set(release.candidates)
+    """`ledger:would-isolate` when an earlier line has the same fold, terms and a merge in
+    common (`same_merge`) but another number of sites: the two sums would differ by whole
+    sites. A line written before `merge_identity` is matched in its own form."""
     for e in earlier:
-        same = (e.fold, e.folds, e.fold_seed, e.terms) == (
-            release.fold, release.folds, release.fold_seed, release.terms)
-        if same and e.sites != release.sites and mine & set(e.candidates):
+        if (e.fold, e.folds, e.fold_seed) != (release.fold, release.folds, release.fold_seed):
+            continue
+        if e.sites == release.sites:
+            continue
+        if any(_merge(c) is not None for c in e.candidates):
+            common = e.terms == release.terms and any(
+                same_merge(mine, theirs)
+                for mine in release.candidates for theirs in e.candidates)
+        else:  # this release's old form (itself, when it has no other)
+            terms = release.terms if release.legacy_terms is None else release.legacy_terms
+            mine = set(release.candidates if release.legacy_candidates is None
+                       else release.legacy_candidates)
+            common = e.terms == terms and bool(mine & set(e.candidates))
+        if common:
             return "ledger:would-isolate"
     return None
 

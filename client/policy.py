@@ -50,8 +50,8 @@ def check_candidates(policy: SitePolicy, candidates: Sequence[Candidate]) -> str
     if len(candidates) > policy.max_candidates:
         return "policy:max-candidates"
     for cand in candidates:
-        if isinstance(cand, dict) and not set(cand) <= set(GROUPS):
-            return "policy:unknown-group"
+        if isinstance(cand, dict) and (not cand or not set(cand) <= set(GROUPS)):
+            return "policy:unknown-group"  # no group at all is no merge either
         values = cand.values() if isinstance(cand, dict) else [cand]
         if not all(0.0 <= float(v) <= 1.0 for v in values):
             return "policy:lambda-range"

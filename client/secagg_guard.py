@@ -135,17 +135,21 @@ def masks_bound_to_round(msg: Message, masking: bool):
 
     if not masking:
         return contextlib.nullcontext()
+    import hashlib
+
     import flwr.compat.common.recorddict_compat as compat
 
-    from common.protocol import INSTRUCTIONS_KEY, RoundInstructions, instructions_digest
+    from common.protocol import INSTRUCTIONS_KEY
     from common.secure_masks import bound_to
 
     try:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-        instr = RoundInstructions.model_validate_json(str(fitins.config[INSTRUCTIONS_KEY]))
+        raw = str(fitins.config[INSTRUCTIONS_KEY])
     except Exception:  # noqa: BLE001 - not fedmerge's round: nothing to bind to
         return contextlib.nullcontext()
-    return bound_to(bytes.fromhex(instructions_digest(instr)))
+    # The text as received, hashed as the coordinator hashed the text it sent
+    # (`instructions_digest`): no re-serialization for a version difference to change.
+    return bound_to(hashlib.sha256(raw.encode()).digest())
 
 
 def checked_secaggplus_mod(policy_of: Callable[[Context], GuardPolicy]):

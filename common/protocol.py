@@ -65,7 +65,7 @@ REFUSAL_CODES = {
     "secagg:unmask-too-few-active": "an UNMASK with fewer active sites than allowed",
     "secagg:unmask-unknown-site": "an UNMASK naming sites that never shared keys here",
     "secagg:protocol-error": "a SecAgg+ message Flower's client mod rejected",
-    "ledger:would-isolate": "an earlier sum of the same fold and candidate over a different "
+    "ledger:would-isolate": "an earlier sum of the same fold and merge over a different "
     "number of sites: the two would give a site by difference",
     "ledger:daily-cap": "more releases today than this site allows",
     "dp:mode-below-policy": "a privacy mode weaker than this site requires (off < distributed "

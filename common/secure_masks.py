@@ -100,6 +100,8 @@ def bound_to(round_digest: bytes) -> Iterator[None]:
         yield
     finally:
         _ROUND_BINDING.reset(token)
+
+
 # Flower's own functions by name, kept so tests can show ours differ from (or agree with) them.
 UPSTREAM: dict[str, object] = {}
 

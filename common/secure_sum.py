@@ -110,13 +110,19 @@ def encode_histograms(
 
 
 def decode_sum(
-    mean_vector: np.ndarray, n_results: int, candidates: int, bins: int, *, noisy: bool = False
+    mean_vector: np.ndarray, n_results: int, candidates: int, bins: int, *, noisy: bool = False,
+    max_count: int | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Turn SecAgg+'s mean over `n_results` sites back into summed int64 histograms.
 
     The mean of integers times their number is an integer up to float rounding of the 1/n
     factor; anything further off means the sum was not exact (wrong settings or masks that did
-    not cancel), which is an error, never something to round away.
+    not cancel), which is an error, never something to round away. `max_count`: the largest
+    entry one site can send unclipped (`ExactSumSettings.max_count`); a count past
+    `n_results` of them cannot be a sum. Masks that did not cancel (sites sent different
+    instructions, so their masks were bound to different rounds; or ends of different
+    versions) leave words uniform over the modulus, nearly all of them past that bound,
+    while noisy counts may be negative and so pass the exact-sum checks.
     """
     vec = np.asarray(mean_vector, dtype=np.float64).reshape(-1)
     if vec.size != candidates * 2 * bins:
@@ -130,7 +136,15 @@ def decode_sum(
     if worst > 1e-3 or (not noisy and counts.size and counts.min() < 0):
         raise FedmergeError(
             f"secure sum: aggregate is not an exact non-negative integer sum (max deviation "
-            f"{worst:.3g}, min {counts.min():.0f}); the SecAgg+ settings or masks are wrong"
+            f"{worst:.3g}, min {counts.min():.0f}); the SecAgg+ settings are wrong or the masks "
+            "did not cancel (sites sent different instructions, or coordinator and sites of "
+            "different fedmerge versions)"
+        )
+    if max_count is not None and counts.size and np.abs(counts).max() > n_results * max_count:
+        raise FedmergeError(
+            f"secure sum: counts up to {np.abs(counts).max():.0f}, more than {n_results} sites "
+            f"can sum ({n_results} x {max_count}): the masks did not cancel (sites sent "
+            "different instructions, or coordinator and sites of different fedmerge versions)"
         )
     counts = counts.astype(np.int64).reshape(candidates, 2, bins)
     return [(counts[i, 0].copy(), counts[i, 1].copy()) for i in range(candidates)]

@@ -173,5 +173,6 @@ def secure_round(
         len(instructions.candidates),
         instructions.histogram.bins,
         noisy=instructions.privacy.on,
+        max_count=exact.max_count,
     )
     return RoundOutcome(histograms, sorted(strategy.result_node_ids), failures)

@@ -11,6 +11,7 @@ are the real ClientApps with their mods.
 
 from __future__ import annotations
 
+import contextvars
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -78,7 +79,9 @@ class LoopbackGrid(Grid):
         nid = sent.metadata.dst_node_id
         t0 = time.perf_counter()
         try:
-            reply = self.apps[nid](sent, self.contexts[nid])
+            # In a fresh context: a site shares nothing with the coordinator's thread, as in
+            # its own process (its mask binding, `common.secure_masks.bound_to`, included).
+            reply = contextvars.Context().run(self.apps[nid], sent, self.contexts[nid])
         except Exception as exc:  # the runtime turns a raising ClientApp into an error reply
             reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=sent)
         seconds = time.perf_counter() - t0

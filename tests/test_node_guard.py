@@ -381,19 +381,56 @@ def test_a_reworded_candidate_is_the_same_candidate_to_the_ledger(tiny_parents, 
         n: "ledger:would-isolate" for n in (101, 102, 103)}
 
 
-def test_merge_identity_names_the_model_not_the_wording():
-    from client.ledger import merge_identity
+def test_the_ledger_compares_merges_not_their_wording():
+    """`same_merge` by distance: λ a hair apart are one merge wherever they fall (rounding
+    would have split 0.12345 from 0.12345 - 2e-13); λ 1e-4 apart still are, 2e-4 not;
+    the parents are one merge under either method, a per-group pick of parents too."""
+    from client.ledger import merge_identity, same_merge
 
-    half = merge_identity(0.5, "linear")
-    assert merge_identity(0.5 + 1e-9, "linear") == merge_identity({"mlp": 0.5}, "linear") == half
-    assert merge_identity(0.5, "slerp") != half  # another model
-    assert merge_identity(0.51, "linear") != half
-    assert merge_identity(0.0, "slerp") == merge_identity(0.0, "linear") == merge_identity(
-        {"attention": 0.0, "mlp": 0.0, "other": -0.0}, "slerp")
+    def same(a, b, method_a="linear", method_b="linear") -> bool:
+        return same_merge(merge_identity(a, method_a), merge_identity(b, method_b))
+
+    for lam in (0.5, 0.12345, 0.25005, 5e-05, 0.99995):
+        assert same(lam, lam + 1e-9) and same(lam, lam - 2e-13)
+    assert same(0.5, {"mlp": 0.5}) and same(0.5, {g: 0.5 for g in _EVERY_GROUP})
+    assert same(0.5, 0.5001) and not same(0.5, 0.5002)
+    assert not same(0.5, 0.5, method_b="slerp")  # another model
+    assert same(0.0, 0.0, method_b="slerp") and same(1.0, 0.99995, method_b="slerp")
+    assert same(0.0, {"attention": 0.0, "mlp": 0.0, "other": -0.0}, method_b="slerp")
     mixed = {"attention": 0.0, "mlp": 1.0, "other": 1.0}
-    assert merge_identity(mixed, "linear") == merge_identity(mixed, "slerp")
-    assert merge_identity({"attention": 0.2, "mlp": 0.8}, "linear") == merge_identity(
-        {"attention": 0.2, "mlp": 0.8, "other": 0.5}, "linear")
+    assert same(mixed, mixed, method_b="slerp") and not same(mixed, 1.0)
+    assert same({"attention": 0.2, "mlp": 0.8}, {"attention": 0.2, "mlp": 0.8, "other": 0.5})
+
+
+def test_a_line_written_before_merge_identity_still_matches(tmp_path):
+    """A ledger kept by an earlier version holds the terms with the method and batch size and
+    the candidates as written; a new release of the same fold and candidate over another
+    number of sites must still be refused against it."""
+    import hashlib
+
+    from client.ledger import Release, ReleaseLedger, release_of
+    from common.protocol import candidate_key
+
+    instr = _recipe_for_ledger().round_instructions(round=1, stage="tune",
+                                                    candidates=[0.25, 0.75], sites=4)
+    fields = instr.model_dump(
+        mode="json", include={"parent_fingerprints", "method", "scoring", "histogram"})
+    old_terms = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    old_line = Release(time=1.0, run=1, round=1, stage="tune", fold=instr.fold,
+                       folds=instr.folds, fold_seed=instr.fold_seed, terms=old_terms,
+                       candidates=tuple(json.dumps(candidate_key(c)) for c in (0.25, 0.75)),
+                       sites=4)
+    ledger = ReleaseLedger(tmp_path / "old.jsonl")
+    ledger.record(old_line)
+    three = release_of(instr.model_copy(update={"sites": 3}), run=2, sites=3)
+    assert ledger.check(three, max_per_day=100, budget=(32.0, 1e-6)) == "ledger:would-isolate"
+    four = release_of(instr, run=2, sites=4)
+    assert ledger.check(four, max_per_day=100, budget=(32.0, 1e-6)) is None
+
+
+def _recipe_for_ledger() -> TuningRecipe:
+    return TuningRecipe(parent_a="a", parent_b="b", method="linear", privacy={"mode": "off"},
+                        fingerprint_a="a" * 64, fingerprint_b="b" * 64)
 
 
 def _never_collect(victim: int):
@@ -1008,14 +1045,13 @@ def test_sites_told_different_terms_do_not_sum(tiny_parents: tuple[Path, Path],
         for n in NODES
     )
     sigma = calibrate(instr.privacy).sigma_total
-    try:
-        out = _secure_sum(grid, NODES, instr, recipe)
-    except FedmergeError:
-        return  # the coordinator's decoding refused what it unmasked: nothing released either
-    got = np.concatenate([np.concatenate(h) for h in out.histograms])
-    # Unbound, the error's sd was 10.1 (0.72 σ); bound, the unmasked words are uniform over
-    # the 2^32 modulus, far past any count or any noise.
-    assert np.median(np.abs(got - truth)) > 1000 * sigma
+    assert sigma > 14.0
+    assert int(truth.max()) < 100  # what a decoded sum would have been near
+    # Unbound, the round decoded: its error had sd 10.1 (0.72 σ). Bound, the words the
+    # coordinator unmasks are uniform over the 2^32 modulus: not sums of integers over three
+    # sites, nor within what three sites can send, and its decoding says why.
+    with pytest.raises(FedmergeError, match="the masks did not cancel"):
+        _secure_sum(grid, NODES, instr, recipe)
 
 
 def test_the_same_announcement_again_keeps_the_runs_release_count(

@@ -140,6 +140,12 @@ def test_encoder_refuses_what_flower_would_clip():
         encode_histograms([(np.zeros(3, np.int64), np.zeros(BINS, np.int64))], BINS)
     with pytest.raises(FedmergeError, match="not an exact"):
         decode_sum(np.full(2 * BINS, 0.4), 3, 1, BINS)
+    # A noisy sum may be negative, but no count of three sites lies past 3 x max_count.
+    most = ExactSumSettings().max_count
+    edge = np.full(2 * BINS, -float(most))  # the mean over 3 sites: a sum of -3 x max_count
+    assert decode_sum(edge, 3, 1, BINS, noisy=True, max_count=most)[0][0][0] == -3 * most
+    with pytest.raises(FedmergeError, match="the masks did not cancel"):
+        decode_sum(edge - 1, 3, 1, BINS, noisy=True, max_count=most)
 
 
 def test_exact_settings_are_checked():
