@@ -31,6 +31,7 @@ from client.site_log import fingerprints, site_event
 from common.errors import FedmergeError
 from common.protocol import (
     INSTRUCTIONS_KEY,
+    PROTOCOL_VERSION,
     RECORD_NAME,
     REFUSAL_CODE,
     REPLY_KEY,
@@ -146,6 +147,10 @@ def handle_announcement(msg: Message, context: Context, cfg: NodeConfig) -> Mess
         )
     except (KeyError, ValueError):
         return _refuse(msg, site, "request:malformed")
+    if ann.protocol != PROTOCOL_VERSION:
+        log.info("announcement refused: policy:protocol-version (coordinator %s, this node %s)",
+                 ann.protocol, PROTOCOL_VERSION)
+        return _refuse(msg, site, "policy:protocol-version")
     earlier = context.state.config_records.get(ACCEPTED_RECORD)
     if earlier is not None and str(earlier["announcement"]) != ann.model_dump_json():
         # Why: what a site has released in this run (rounds, noisy releases per fold) and the

@@ -40,6 +40,7 @@ REFUSAL_CODES = {
     "policy:scoring-out-of-bounds": "token budgets beyond this site's bounds",
     "policy:max-rounds": "more rounds in this run than this site allows",
     "policy:announcement-rate": "more announcements in the last hour than this site answers",
+    "policy:protocol-version": "a coordinator of another fedmerge protocol version",
     "policy:announcement-changed": "a second announcement in a run, other than the one this "
     "site accepted",
     "policy:min-cohort": "a fold with fewer stays than this site's min_cohort",
@@ -105,6 +106,11 @@ class ScoringSettings(BaseModel):
     hard: bool = False  # the Mortality-hard variant (numeric sections only)
 
 
+# The wire protocol's version: both ends must speak the same one. 2: SecAgg+ masks bound to
+# the round's instructions (`common.secure_masks.bound_to`), which version 1 did not bind.
+PROTOCOL_VERSION = 2
+
+
 class RecipeTerms(BaseModel):
     """What every message of a run restates, so a site can hold each round to what it accepted.
 
@@ -114,6 +120,9 @@ class RecipeTerms(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    # Checked first at the announcement: a site of another version refuses at once instead of
+    # scoring, spending its budget and then failing to unmask with the others.
+    protocol: int = PROTOCOL_VERSION
     recipe_fingerprint: str
     parent_fingerprints: tuple[str, str]
     method: Literal["slerp", "linear"]

@@ -17,7 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.dp.settings import DEFAULT_DELTA, DEFAULT_EPSILON, PrivacyMode, PrivacySettings
 from common.errors import FedmergeError, validation_error
 from common.metrics import HistogramSpec, default_histogram
-from common.protocol import GROUPS, Announcement, Candidate, RoundInstructions, ScoringSettings
+from common.protocol import (
+    GROUPS,
+    PROTOCOL_VERSION,
+    Announcement,
+    Candidate,
+    RoundInstructions,
+    ScoringSettings,
+)
 
 
 class SearchSettings(BaseModel):
@@ -213,6 +220,7 @@ class TuningRecipe(BaseModel):
     def terms(self, announced_sites: int) -> dict[str, object]:
         """The fields every message of a run restates (`common.protocol.RecipeTerms`)."""
         return {
+            "protocol": PROTOCOL_VERSION,
             "recipe_fingerprint": self.fingerprint(),
             "parent_fingerprints": self.parent_fingerprints,
             "method": self.method,

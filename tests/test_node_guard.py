@@ -942,6 +942,22 @@ def test_an_inflated_roster_cannot_thin_the_distributed_noise(tiny_parents: tupl
     _released_nothing(grid, NODES, instr)
 
 
+def test_a_coordinator_of_another_protocol_version_is_refused_at_once(
+        tiny_parents: tuple[Path, Path], recipe: TuningRecipe) -> None:
+    """Masks are bound to the round since protocol 2: ends of different versions would score,
+    spend budget, then fail to unmask together. A site refuses such a coordinator at the
+    announcement, before its data is loaded."""
+    from common.protocol import PROTOCOL_VERSION
+
+    assert recipe.terms(3)["protocol"] == PROTOCOL_VERSION == 2
+    grid = _grid(tiny_parents, tamper=_edit_request(None, _in_announcement(
+        lambda d: d.update(protocol=1))))
+    accepted, _ = announce(grid, recipe, NODES)
+    assert accepted == {}
+    assert _codes(grid) == {n: "policy:protocol-version" for n in NODES}
+    _still_serves(grid, recipe)
+
+
 def test_a_run_cannot_lower_its_noise_minimum_by_announcing_again(
         tiny_parents: tuple[Path, Path], recipe: TuningRecipe) -> None:
     """The inflated roster again, now with a second announcement between scoring and SecAgg+:
