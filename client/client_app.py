@@ -147,33 +147,19 @@ def handle_announcement(msg: Message, context: Context, cfg: NodeConfig) -> Mess
         )
     except (KeyError, ValueError):
         return _refuse(msg, site, "request:malformed")
-    if ann.protocol != PROTOCOL_VERSION:
-        log.info("announcement refused: policy:protocol-version (coordinator %s, this node %s)",
-                 ann.protocol, PROTOCOL_VERSION)
-        return _refuse(msg, site, "policy:protocol-version")
+    reason = _run_rule(context, ann)
     earlier = context.state.config_records.get(ACCEPTED_RECORD)
-    if earlier is not None and str(earlier["announcement"]) != ann.model_dump_json():
-        # Why: what a site has released in this run (rounds, noisy releases per fold) and the
-        # noise its sums must carry were counted against the terms it accepted. New terms in
-        # the same run would start those counts again, or lower the sites a sum must have
-        # after a round was scored for more. The context's state is the run's: a new run may
-        # announce anything.
-        log.info("announcement refused: policy:announcement-changed")
-        site_event("refused", run=context.run_id, stage="announcement",
-                   rule="policy:announcement-changed")
-        return _refuse(msg, site, "policy:announcement-changed")
-    if earlier is not None:  # the same again (a retry): accepted as it was, counts kept
-        reply = PolicyReply(site=str(earlier["site"])).model_dump_json()
-        return Message(RecordDict({RECORD_NAME: ConfigRecord({REPLY_KEY: reply})}),
-                       reply_to=msg)
-    try:
-        site, reason = check_announcement(cfg, ann)
-    except (FedmergeError, OSError, ValueError):
-        # The details (paths, ids in a data error) stay in the node's log: only a code leaves.
-        log.exception("announcement: this node cannot load its data or parents")
-        site_event("failed", run=context.run_id, stage="announcement",
-                   rule="site:data-unavailable")
-        return _refuse(msg, site, "site:data-unavailable")
+    if reason is None and earlier is not None:  # the same again (a retry): counts kept
+        return _accepted(msg, str(earlier["site"]))
+    if reason is None:
+        try:
+            site, reason = check_announcement(cfg, ann)
+        except (FedmergeError, OSError, ValueError):
+            # The details (paths, ids in a data error) stay in the node's log: a code leaves.
+            log.exception("announcement: this node cannot load its data or parents")
+            site_event("failed", run=context.run_id, stage="announcement",
+                       rule="site:data-unavailable")
+            return _refuse(msg, site, "site:data-unavailable")
     if reason:
         log.info("announcement refused: %s (%s)", reason, RULES.get(reason, ""))
         site_event("refused", run=context.run_id, stage="announcement", rule=reason)
@@ -185,6 +171,26 @@ def handle_announcement(msg: Message, context: Context, cfg: NodeConfig) -> Mess
     context.state.config_records[ACCEPTED_RECORD] = ConfigRecord(
         {"site": site, "announcement": ann.model_dump_json(), "rounds": 0}
     )
+    return _accepted(msg, site)
+
+
+def _run_rule(context: Context, ann: Announcement) -> str | None:
+    """The rule an announcement breaks as part of this run, checked before any data loads.
+
+    Another protocol version would score, spend budget, then fail to unmask with the others.
+    Another announcement in the same run (the context's state is the run's; a new run may
+    announce anything) would start the run's counts again (rounds, noisy releases per fold)
+    or lower the sites a sum must have after a round was scored for more.
+    """
+    if ann.protocol != PROTOCOL_VERSION:
+        return "policy:protocol-version"
+    earlier = context.state.config_records.get(ACCEPTED_RECORD)
+    if earlier is not None and str(earlier["announcement"]) != ann.model_dump_json():
+        return "policy:announcement-changed"
+    return None
+
+
+def _accepted(msg: Message, site: str) -> Message:
     reply = PolicyReply(site=site).model_dump_json()
     return Message(RecordDict({RECORD_NAME: ConfigRecord({REPLY_KEY: reply})}), reply_to=msg)
 

@@ -126,20 +126,17 @@ LAMBDA_TOLERANCE = 1e-4
 _TAGS = ("parents", "linear", "slerp")
 
 
-def terms_digest(instr: RoundInstructions) -> str:
+def terms_digest(instr: RoundInstructions, *, legacy: bool = False) -> str:
     """SHA-256 of what shapes every score of a release but the merge itself: parents, scoring
     and histogram spec. Not the method (part of `merge_identity`, where it matters) nor
-    `batch_tokens` (how many tokens go through the model at once: the same scores)."""
-    fields = instr.model_dump(mode="json", include={"parent_fingerprints", "scoring", "histogram"})
-    fields["scoring"].pop("batch_tokens", None)
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-
-
-def _legacy_terms_digest(instr: RoundInstructions) -> str:
-    """The terms as lines written before `merge_identity` hold them (method, batch size)."""
+    `batch_tokens` (how many tokens go through the model at once: the same scores).
+    `legacy`: the terms as lines written before `merge_identity` hold them (with both)."""
     fields = instr.model_dump(
-        mode="json", include={"parent_fingerprints", "method", "scoring", "histogram"}
+        mode="json",
+        include={"parent_fingerprints", "scoring", "histogram"} | ({"method"} if legacy else set()),
     )
+    if not legacy:
+        fields["scoring"].pop("batch_tokens", None)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -176,13 +173,17 @@ def _merge(text: str) -> tuple[str, list[float]] | None:
     return tag, [float(v) for v in values]
 
 
+def _close(first: tuple[str, list[float]], second: tuple[str, list[float]]) -> bool:
+    return first[0] == second[0] and all(
+        abs(x - y) <= LAMBDA_TOLERANCE for x, y in zip(first[1], second[1], strict=True))
+
+
 def same_merge(a: str, b: str) -> bool:
     """Whether two `merge_identity` texts name one merge (within `LAMBDA_TOLERANCE`)."""
     first, second = _merge(a), _merge(b)
     if first is None or second is None:
         return a == b
-    return first[0] == second[0] and all(
-        abs(x - y) <= LAMBDA_TOLERANCE for x, y in zip(first[1], second[1], strict=True))
+    return _close(first, second)
 
 
 def release_of(instr: RoundInstructions, *, run: int, sites: int, now: float | None = None
@@ -205,7 +206,7 @@ def release_of(instr: RoundInstructions, *, run: int, sites: int, now: float | N
         fold_seed=instr.fold_seed,
         terms=terms_digest(instr),
         candidates=tuple(merge_identity(c, instr.method) for c in instr.candidates),
-        legacy_terms=_legacy_terms_digest(instr),
+        legacy_terms=terms_digest(instr, legacy=True),
         legacy_candidates=tuple(json.dumps(candidate_key(c)) for c in instr.candidates),
         sites=sites,
     )
@@ -294,15 +295,16 @@ def _isolating(release: Release, earlier: list[Release]) -> str | None:
     """`ledger:would-isolate` when an earlier line has the same fold, terms and a merge in
     common (`same_merge`) but another number of sites: the two sums would differ by whole
     sites. A line written before `merge_identity` is matched in its own form."""
+    merges = [m for m in map(_merge, release.candidates) if m is not None]  # parsed once
     for e in earlier:
         if (e.fold, e.folds, e.fold_seed) != (release.fold, release.folds, release.fold_seed):
             continue
         if e.sites == release.sites:
             continue
-        if any(_merge(c) is not None for c in e.candidates):
+        theirs = [m for m in map(_merge, e.candidates) if m is not None]
+        if theirs:
             common = e.terms == release.terms and any(
-                same_merge(mine, theirs)
-                for mine in release.candidates for theirs in e.candidates)
+                _close(mine, other) for mine in merges for other in theirs)
         else:  # this release's old form (itself, when it has no other)
             terms = release.terms if release.legacy_terms is None else release.legacy_terms
             mine = set(release.candidates if release.legacy_candidates is None
